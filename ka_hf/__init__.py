@@ -1,0 +1,26 @@
+"""ka_hf: KA caching for Hugging Face transformers — cache keys and attention outputs (K, A), attend over past
+outputs, exactly (KA-SPEC §2) and in parallel (§3).
+
+    import ka_hf
+    model.generate(**inputs, past_key_values=ka_hf.KACache())
+"""
+
+from .cache import KACache, KALayer, cache_nbytes
+from .errors import KAError
+from .integration import SUPPORTED_ARCHITECTURES, disable_ka, enable_ka, exact_ka, install, ka_spec
+
+install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KACache",
+    "KAError",
+    "KALayer",
+    "SUPPORTED_ARCHITECTURES",
+    "cache_nbytes",
+    "disable_ka",
+    "enable_ka",
+    "exact_ka",
+    "ka_spec",
+]

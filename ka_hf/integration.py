@@ -1,0 +1,310 @@
+"""The one place where Hugging Face attention is routed through KA.
+
+How a call becomes KA: each supported attention class's `forward` is wrapped (once, at `import ka_hf`). For a
+call whose cache is a `KACache` (or whose model config asks for KA, see `enable_ka`/`exact_ka`), the wrapper
+marks the call as routed and points the module's attention implementation at `ka_attention_forward` for the
+duration of that call. The module itself still computes q, k, v exactly as it always does (projections, RoPE,
+partial rotary, GQA heads, scale, softcap), calls `cache.update`, and hands q, k, v and its mask to the attention
+function — which is now ours. Everything else (no cache, a `DynamicCache`, models without a KA config) runs the
+untouched original code.
+
+Two guards keep results honest: a `KACache` refuses updates from modules that were not routed (an unsupported
+architecture), and a routed call that never reached the KA function (a model path that bypasses the attention
+interface) raises instead of returning standard attention.
+"""
+
+import contextlib
+import contextvars
+import functools
+import importlib
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.generation.utils import GenerationMixin
+
+from .cache import KACache
+from .errors import KAError
+from .ops import DEFAULT_BLOCK_SIZE, causal_allowed, ka_attention, ka_attention_naive, standard_attention
+
+# model_type -> the attention class whose forward is routed. Llama-family models carry their own copy of
+# Llama's attention code (same q/k/v -> cache.update -> attention interface flow), so each is listed.
+SUPPORTED_ARCHITECTURES = {
+    "gpt2": "transformers.models.gpt2.modeling_gpt2:GPT2Attention",
+    "gpt_neox": "transformers.models.gpt_neox.modeling_gpt_neox:GPTNeoXAttention",
+    "llama": "transformers.models.llama.modeling_llama:LlamaAttention",
+    "mistral": "transformers.models.mistral.modeling_mistral:MistralAttention",
+    "qwen2": "transformers.models.qwen2.modeling_qwen2:Qwen2Attention",
+    "qwen3": "transformers.models.qwen3.modeling_qwen3:Qwen3Attention",
+    "gemma": "transformers.models.gemma.modeling_gemma:GemmaAttention",
+    "gemma2": "transformers.models.gemma2.modeling_gemma2:Gemma2Attention",
+}
+
+# The attention-implementation name the wrapper switches a routed call to. Not meant for from_pretrained:
+# use enable_ka / exact_ka / KACache instead (they know which layers and which cache).
+KA_IMPLEMENTATION = "ka_hf"
+CONFIG_KEY = "ka"  # config.ka: {"attention": "ka" | "standard", "layers": [...] | None, "variant": "ka", ...}
+
+
+@dataclass
+class Route:
+    """One routed attention call: which cache and layer, and whether the KA function ran."""
+
+    cache: object
+    layer_idx: int
+    kind: str  # "ka" or "standard" (a non-KA layer of a KACache)
+    variant: str = "ka"
+    block_size: int | None = DEFAULT_BLOCK_SIZE
+    used: bool = False
+
+
+_ACTIVE_ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("ka_hf_route", default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model's KA setting (config.ka), for full-sequence KA without a KACache: training and scoring.
+
+
+@dataclass(frozen=True)
+class KASpec:
+    layers: frozenset | None = None  # None = every layer
+    variant: str = "ka"
+    block_size: int | None = DEFAULT_BLOCK_SIZE
+
+    def covers(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+
+def ka_spec(config) -> KASpec | None:
+    """The KA setting recorded in a model config, or None when the model runs standard attention."""
+    section = getattr(config, CONFIG_KEY, None)
+    if not isinstance(section, dict) or section.get("attention") != "ka":
+        return None
+    layers = section.get("layers")
+    return KASpec(
+        layers=None if layers is None else frozenset(layers),
+        variant=section.get("variant", "ka"),
+        block_size=section.get("block_size", DEFAULT_BLOCK_SIZE),
+    )
+
+
+def _check_supported(model) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise KAError(
+            f"ka_hf does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def enable_ka(model, layers=None, variant: str = "ka", **record):
+    """Make `model` run exact KA attention on `layers` (None = all) in every forward, with or without a cache.
+
+    The setting lives in `model.config.ka`, so `save_pretrained` keeps it and a model loaded back (with ka_hf
+    imported) runs KA again; `generate()` then uses a `KACache` by default. Extra keyword arguments are recorded
+    in the same section (e.g. how the model was trained). Returns the model.
+    """
+    _check_supported(model)
+    if variant not in ("ka", "plan2"):
+        raise KAError(f"unknown KA variant {variant!r}: use 'ka' or 'plan2'")
+    section = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    section.update(record)
+    section.update(attention="ka", layers=None if layers is None else sorted(int(i) for i in layers), variant=variant)
+    setattr(model.config, CONFIG_KEY, section)
+    return model
+
+
+def disable_ka(model):
+    """Back to standard attention for cache-less forwards (the config's record is kept). Returns the model."""
+    section = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    section["attention"] = "standard"
+    setattr(model.config, CONFIG_KEY, section)
+    return model
+
+
+@contextlib.contextmanager
+def exact_ka(model, layers=None, variant: str = "ka"):
+    """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
+
+        with ka_hf.exact_ka(model):
+            loss = model(input_ids, labels=input_ids).loss
+    """
+    previous = getattr(model.config, CONFIG_KEY, None)
+    enable_ka(model, layers=layers, variant=variant)
+    try:
+        yield model
+    finally:
+        setattr(model.config, CONFIG_KEY, previous)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks: whatever format the model's attention implementation produced -> boolean "may attend".
+
+
+def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None = None):
+    """Boolean mask broadcastable to (B, H, n_new, n_total), or None for plain causal.
+
+    HF hands the attention function None (causal implied, lower-right aligned), a boolean 4D mask (sdpa:
+    True = attend), an additive float 4D mask (eager: 0 or the dtype's minimum) or a 2D padding mask (flash).
+    """
+    if mask is None:
+        return None if n_new == 1 and sliding_window is None else causal_allowed(n_new, n_total, None, sliding_window)
+    if not isinstance(mask, torch.Tensor):
+        raise KAError(
+            f"KA cannot read an attention mask of type {type(mask).__name__} (flex attention); load the model "
+            "with attn_implementation='sdpa' or 'eager'"
+        )
+    if mask.dim() == 2:  # flash-attention style (B, T) padding mask
+        causal = causal_allowed(n_new, n_total, mask.device, sliding_window)
+        return causal & mask[:, None, None, -n_total:].bool()
+    mask = mask[..., :n_total]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention function a routed call runs.
+
+
+def ka_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                         sliding_window=None, **kwargs):
+    route = _ACTIVE_ROUTE.get()
+    if route is None or route.kind != "ka":
+        raise KAError(
+            f"attn_implementation={KA_IMPLEMENTATION!r} is set per call by ka_hf; do not load a model with it. "
+            "Use ka_hf.KACache(), ka_hf.enable_ka(model) or ka_hf.exact_ka(model)."
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    n_new, n_total = query.shape[-2], key.shape[-2]
+    allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window)
+    dropout_p = dropout if module.training else 0.0
+    cache = route.cache
+
+    if isinstance(cache, KACache):
+        outputs = _ka_with_cache(cache, route.layer_idx, query, key, value, allowed, scale, softcap, dropout_p)
+    else:
+        if n_total != n_new:
+            raise KAError(
+                "This model runs KA attention, which needs the attention outputs of past tokens: a "
+                f"{type(cache).__name__} holds values instead. Pass past_key_values=ka_hf.KACache() "
+                "(generate() does so by default for KA models) or use_cache=False."
+            )
+        outputs = ka_attention(query, key, value, None, allowed, scale, softcap, route.variant, dropout_p,
+                               route.block_size)
+    route.used = True
+    return outputs.transpose(1, 2), None
+
+
+def _ka_with_cache(cache: KACache, layer_idx, query, key, value, allowed, scale, softcap, dropout_p):
+    layer = cache.layers[layer_idx]
+    past_outputs = layer.past_outputs()
+    n_past = key.shape[-2] - query.shape[-2]
+    adapter = cache.adapter
+    if cache.prefill == "standard" and n_past == 0:
+        outputs = standard_attention(query, key, value, allowed, scale, softcap)
+    elif adapter is not None and query.shape[-2] > 1:
+        # f applied to outputs inside the chunk has no exact triangular solve in general: run the recursion.
+        outputs = ka_attention_naive(query, key, value, past_outputs, allowed, scale, softcap, cache.variant,
+                                     value_map=functools.partial(adapter.map_outputs, layer_idx))
+    else:
+        outputs = ka_attention(query, key, value, past_outputs, allowed, scale, softcap, cache.variant, dropout_p,
+                               cache.block_size)
+    layer.append_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hook: wrap the supported attention classes' forward.
+
+
+def _cache_argument(kwargs):
+    for name in ("cache", "past_key_values", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _route_for(module, kwargs) -> Route | None:
+    cache = _cache_argument(kwargs)
+    if isinstance(cache, KACache):
+        cache.bind(module.config)
+        kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"
+        return Route(cache, module.layer_idx, kind, cache.variant, cache.block_size)
+    spec = ka_spec(module.config)
+    if spec is not None and spec.covers(module.layer_idx):
+        return Route(cache, module.layer_idx, "ka", spec.variant, spec.block_size)
+    return None
+
+
+def _routed(original_forward):
+    @functools.wraps(original_forward)
+    def forward(self, *args, **kwargs):
+        route = _route_for(self, kwargs)
+        if route is None:
+            return original_forward(self, *args, **kwargs)
+        token = _ACTIVE_ROUTE.set(route)
+        config = self.config
+        implementation = config._attn_implementation
+        if route.kind == "ka":
+            config._attn_implementation = KA_IMPLEMENTATION
+        try:
+            result = original_forward(self, *args, **kwargs)
+        finally:
+            config._attn_implementation = implementation
+            _ACTIVE_ROUTE.reset(token)
+        if route.kind == "ka" and not route.used:
+            raise KAError(
+                f"{type(self).__name__} (layer {route.layer_idx}) computed attention without going through KA "
+                "(e.g. GPT-2 with reorder_and_upcast_attn under eager attention); load the model with "
+                "attn_implementation='sdpa'."
+            )
+        return result
+
+    forward._ka_hf_routed = True
+    return forward
+
+
+def check_routed(cache, layer_idx: int) -> None:
+    """Called by `KACache.update`: the update must come from a routed attention call of this cache and layer."""
+    route = _ACTIVE_ROUTE.get()
+    if route is None or route.cache is not cache or route.layer_idx != layer_idx:
+        raise KAError(
+            "KACache was updated by an attention module ka_hf does not route, so KA cannot be computed for this "
+            f"model. Supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+
+
+def _prepare_cache_with_ka_default(original):
+    """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache."""
+
+    @functools.wraps(original)
+    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
+        spec = ka_spec(self.config)
+        if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = KACache(
+                layers=spec.layers, variant=spec.variant, block_size=spec.block_size
+            )
+        return original(self, generation_config, model_kwargs, *args, **kwargs)
+
+    return prepare
+
+
+def _load_class(path: str):
+    module_name, class_name = path.split(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None  # an older transformers without this model: nothing to route
+
+
+@functools.cache
+def install() -> None:
+    """Route the supported attention classes (idempotent; runs at `import ka_hf`)."""
+    AttentionInterface.register(KA_IMPLEMENTATION, ka_attention_forward)
+    for path in SUPPORTED_ARCHITECTURES.values():
+        attention_class = _load_class(path)
+        if attention_class is not None and not getattr(attention_class.forward, "_ka_hf_routed", False):
+            attention_class.forward = _routed(attention_class.forward)
+    GenerationMixin._prepare_cache_for_generation = _prepare_cache_with_ka_default(
+        GenerationMixin._prepare_cache_for_generation
+    )

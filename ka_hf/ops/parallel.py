@@ -1,0 +1,121 @@
+"""Exact KA in parallel: one unit-lower-triangular solve per chunk (KA-SPEC §3).
+
+Split a chunk's weights over [cached; new] into W_past (n x p), the strictly-lower part W_s of W_new (n x n)
+and its diagonal D. The recursion a_i = sum_{j<i} w_ij a_j + w_ii v_i is then
+
+    (I - W_s) A_new = W_past A_past + D V_new
+
+which `torch.linalg.solve_triangular` (autograd-aware) solves for the whole chunk at once. Long inputs are cut
+into blocks: each block is a chunk whose "past" includes the blocks before it, so memory is O(block x T), never
+a T x T matrix per head.
+"""
+
+import torch
+
+from .common import attention_weights, causal_allowed, compute_dtype, expand_kv_heads, plan2_weights
+
+DEFAULT_BLOCK_SIZE = 512
+
+
+def ka_attention_chunk(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_outputs: torch.Tensor | None,
+    allowed: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    variant: str = "ka",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """One chunk of n new tokens after p cached ones, in the compute dtype. Shapes as in `ka_attention`."""
+    n_query_heads, n_new, n_total = query.shape[1], query.shape[-2], key.shape[-2]
+    n_past = n_total - n_new
+    weights = attention_weights(query, key, allowed, scale, softcap)
+    if variant == "plan2":
+        weights = plan2_weights(weights, allowed, n_past)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
+    new_values = expand_kv_heads(value, n_query_heads)
+    weights_new = weights[..., n_past:]
+    rhs = weights_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * new_values
+    if n_past > 0:
+        rhs = rhs + weights[..., :n_past] @ past_outputs
+    if n_new == 1:  # a decode step: plain attention over [past outputs; v_new], nothing to solve
+        return rhs
+    # unitriangular=True reads only the strictly-lower part of -W_new: exactly (I - W_s).
+    return torch.linalg.solve_triangular(-weights_new, rhs, upper=False, unitriangular=True)
+
+
+def ka_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_outputs: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    variant: str = "ka",
+    dropout_p: float = 0.0,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    """Exact KA outputs of n new tokens, in parallel.
+
+    query (B, H_q, n, d); key (B, H_kv, p + n, d) — the p cached keys then the new ones; value (B, H_kv, n, d_v)
+    of the new tokens; past_outputs (B, H_q, p, d_v), what the cached tokens offer as values; allowed: boolean
+    mask broadcastable to (B, H_q, n, p + n), True = may attend, None = causal. variant: "ka" (exact KA) or
+    "plan2" (the original project's plan 2). Half inputs are computed in float32 and returned in their dtype.
+    Returns (B, H_q, n, d_v).
+    """
+    if variant not in ("ka", "plan2"):
+        raise ValueError(f"unknown KA variant {variant!r}: use 'ka' or 'plan2'")
+    out_dtype = value.dtype
+    dtype = compute_dtype(out_dtype)
+    n_new, n_total = query.shape[-2], key.shape[-2]
+    n_past = n_total - n_new
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    past_outputs = past_outputs.to(dtype) if past_outputs is not None and n_past > 0 else None
+    if allowed is None and n_new > 1:
+        allowed = causal_allowed(n_new, n_total, query.device)
+
+    block = n_new if block_size is None else block_size
+    block_outputs = []
+    for start in range(0, n_new, block):
+        stop = min(start + block, n_new)
+        earlier = ([past_outputs] if past_outputs is not None else []) + block_outputs
+        block_past = torch.cat(earlier, dim=-2) if len(earlier) > 1 else (earlier[0] if earlier else None)
+        block_allowed = None if allowed is None else allowed[..., start:stop, : n_past + stop]
+        block_outputs.append(
+            ka_attention_chunk(
+                query[..., start:stop, :],
+                key[..., : n_past + stop, :],
+                value[..., start:stop, :],
+                block_past,
+                block_allowed,
+                scale,
+                softcap,
+                variant,
+                dropout_p,
+            )
+        )
+    outputs = block_outputs[0] if len(block_outputs) == 1 else torch.cat(block_outputs, dim=-2)
+    return outputs.to(out_dtype)
+
+
+def standard_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Ordinary softmax attention over values (B, H_kv, T, d_v), written with the same weights as KA so that the
+    ka-hybrid prefill's cached outputs are exactly what standard attention computes. Returns (B, H_q, n, d_v)."""
+    out_dtype = value.dtype
+    dtype = compute_dtype(out_dtype)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if allowed is None:
+        allowed = causal_allowed(query.shape[-2], key.shape[-2], query.device)
+    weights = attention_weights(query, key, allowed, scale, softcap)
+    return (weights @ expand_kv_heads(value, query.shape[1])).to(out_dtype)
