@@ -24,7 +24,7 @@ functions. Why this text:
 - deterministic for a given Python version (a fixed module list, sorted order,
   splits chosen by a hash of each docstring's source name, not by `hash()`).
 Cleaning: dedent, drop doctest examples (`>>>` lines and the output lines that
-follow them) and pieces shorter than `MIN_DOC_CHARS`. The split is ~90/5/5
+follow them), pieces shorter than `MIN_DOC_CHARS` and repeated docstrings. The split is ~90/5/5
 (train/validation/test). On Python 3.11 this gives roughly 0.5M characters of
 train and ~30k characters each of validation and test: enough for a tiny LM,
 far smaller than WikiText (use `text_file=`/`dataset=` for real studies).
@@ -153,8 +153,11 @@ def default_corpus(split):
 
 @functools.lru_cache(maxsize=1)
 def _default_corpus_splits():
-    splits = {name: [] for name in SPLITS}
+    splits, seen = {name: [] for name in SPLITS}, set()
     for source_name, text in _stdlib_docstrings():
+        if text in seen:
+            continue  # a docstring copied between classes must not land in two splits
+        seen.add(text)
         splits[_split_of(source_name)].append(text)
     if not splits["train"]:
         raise KAError("this Python installation ships no stdlib sources: pass text_file= or dataset=")

@@ -1,0 +1,145 @@
+"""Inference modes by name: "kv,ka,ka-hybrid,ka@0-2,ka+adapter" -> `Mode`s that make a fresh cache per window.
+
+| name | cache | meaning for scoring a window |
+|---|---|---|
+| kv | DynamicCache | standard attention (the baseline) |
+| ka | KACache() | exact KA over the whole window |
+| ka-hybrid | KACache(prefill="standard") | the window's context (unscored) tokens are a prompt computed with standard attention, whose outputs are cached as A; the rest is fed through the KA cache |
+| ka@LAYERS | KACache(layers=[...]) | exact KA on those layers, standard attention on the others |
+| ka+adapter | KACache(adapter=...) | exact KA with a learned map f of cached outputs (plan 1); needs --adapter DIR |
+
+LAYERS is a list of indices and ranges: `ka@0,1,2`, `ka@0-2`, `ka@0-1,4`. A suffix also works after
+`ka-hybrid` and `ka+adapter` (`ka-hybrid@3`).
+"""
+
+import re
+from dataclasses import dataclass
+
+from transformers import DynamicCache
+
+from ..cache import KACache
+from ..errors import KAError
+
+KINDS = ("kv", "ka", "ka-hybrid", "ka+adapter")
+
+DEFINITIONS = {
+    "kv": "standard attention (DynamicCache semantics): the baseline",
+    "ka": "exact KA on every layer: a_i = sum_{j<i} w_ij a_j + w_ii v_i, KACache()",
+    "ka-hybrid": (
+        "KACache(prefill='standard'): the window's context tokens (the first max_length - trg_len tokens, which "
+        "are not scored; if there are none, the first token) are a prompt computed with standard attention and "
+        "cached as A; the remaining tokens are fed through the KA cache"
+    ),
+    "ka@LAYERS": "exact KA on the listed layers only (KACache(layers=[...])), standard attention elsewhere",
+    "ka+adapter": "exact KA with the plan-1 adapter f applied to cached outputs (KACache(adapter=...))",
+}
+
+MODES_HELP = "kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter"
+_LAYER_PART = re.compile(r"^\d+(-\d+)?$")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running the model: `kind` (see KINDS) on `layers` (None = every layer)."""
+
+    kind: str
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.layers is None else f"{self.kind}@{_compact(self.layers)}"
+
+    @property
+    def uses_ka(self) -> bool:
+        return self.kind != "kv"
+
+    @property
+    def needs_adapter(self) -> bool:
+        return self.kind == "ka+adapter"
+
+    @property
+    def definition(self) -> str:
+        text = DEFINITIONS[self.kind]
+        return text if self.layers is None else f"{text}; KA on layers {list(self.layers)} only"
+
+    def new_cache(self, adapter=None):
+        """A fresh, empty cache for one window (one cache per model and per batch)."""
+        if self.kind == "kv":
+            return DynamicCache()
+        if self.needs_adapter and adapter is None:
+            raise KAError(f"mode {self.name} needs an adapter: pass --adapter DIR")
+        return KACache(
+            prefill="standard" if self.kind == "ka-hybrid" else "ka",
+            layers=None if self.layers is None else list(self.layers),
+            adapter=adapter if self.needs_adapter else None,
+        )
+
+
+def parse_modes(text: str, num_layers: int | None = None) -> list[Mode]:
+    """Parse a comma-separated mode list (duplicates dropped, order kept); check layer indices if num_layers."""
+    modes = []
+    for piece in _split_mode_list(text):
+        mode = parse_mode(piece, num_layers)
+        if mode not in modes:
+            modes.append(mode)
+    if not modes:
+        raise KAError(f"no modes given: use a comma-separated list of {MODES_HELP}")
+    return modes
+
+
+def parse_mode(text: str, num_layers: int | None = None) -> Mode:
+    kind, _, layer_text = text.strip().partition("@")
+    if kind not in KINDS or (kind == "kv" and layer_text):
+        raise KAError(f"unknown mode {text!r}: use {MODES_HELP}")
+    if not layer_text:
+        return Mode(kind)
+    return Mode(kind, parse_layers(layer_text, num_layers, mode_text=text))
+
+
+def parse_layers(text: str, num_layers: int | None = None, mode_text: str = "") -> tuple[int, ...]:
+    """'0-2,5' -> (0, 1, 2, 5)."""
+    layers = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not _LAYER_PART.match(part):
+            raise KAError(f"bad layer list in mode {mode_text or text!r}: use indices and ranges like 0-2,5")
+        first, _, last = part.partition("-")
+        first, last = int(first), int(last or first)
+        if last < first:
+            raise KAError(f"bad layer range {part!r} in mode {mode_text or text!r}: write low-high")
+        layers.update(range(first, last + 1))
+    if num_layers is not None and max(layers) >= num_layers:
+        raise KAError(f"mode {mode_text or text!r} names layer {max(layers)}, but the model has layers 0-{num_layers - 1}")
+    return tuple(sorted(layers))
+
+
+def layer_sweep_modes(num_layers: int, sweep: str = "prefix") -> list[Mode]:
+    """'prefix': KA on layers [0..k] for every k (does error accumulate over depth?); 'single': KA on layer k alone."""
+    if sweep == "prefix":
+        return [Mode("ka", tuple(range(k + 1))) for k in range(num_layers)]
+    if sweep == "single":
+        return [Mode("ka", (k,)) for k in range(num_layers)]
+    raise KAError(f"unknown layer sweep {sweep!r}: use prefix or single")
+
+
+def _split_mode_list(text: str) -> list[str]:
+    """Split on commas, but keep 'ka@0,1,2' together: a bare index or range continues the layer list before it."""
+    pieces = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if _LAYER_PART.match(piece) and pieces and "@" in pieces[-1]:
+            pieces[-1] += "," + piece
+        else:
+            pieces.append(piece)
+    return pieces
+
+
+def _compact(layers) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'."""
+    runs, start = [], layers[0]
+    for previous, current in zip(layers, layers[1:] + (None,)):
+        if current != previous + 1:
+            runs.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current
+    return ",".join(runs)

@@ -1,0 +1,151 @@
+"""The tensor ops against the reference token loop (KA-SPEC §2-3), on fresh random inputs."""
+
+import pytest
+import torch
+
+from ka_hf.ops import attention_weights, causal_allowed, ka_attention, ka_attention_naive, standard_attention
+
+
+def random_qkv(batch=2, n_query_heads=4, n_kv_heads=2, length=11, head_dim=5, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_query_heads, length, head_dim, generator=generator, dtype=dtype)
+    k = torch.randn(batch, n_kv_heads, length, head_dim, generator=generator, dtype=dtype)
+    v = torch.randn(batch, n_kv_heads, length, head_dim, generator=generator, dtype=dtype)
+    return q, k, v
+
+
+def left_padded(batch, length, pads):
+    """Causal mask with pads[b] leading padding tokens in row b (a pad query sees nothing)."""
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    for row, n_pad in enumerate(pads):
+        allowed[row, :, :, :n_pad] = False
+        allowed[row, :, :n_pad, :] = False
+    return allowed
+
+
+def scalar_reference(q, k, v, scale):
+    """KA-SPEC §2 written with Python scalars for one batch row and MHA: the oracle's oracle."""
+    n_heads, length, _ = q.shape
+    outputs = torch.zeros_like(v)
+    for h in range(n_heads):
+        for i in range(length):
+            scores = [float(q[h, i] @ k[h, j]) * scale for j in range(i + 1)]
+            top = max(scores)
+            exps = [pow(2.718281828459045, s - top) for s in scores]
+            weights = [e / sum(exps) for e in exps]
+            outputs[h, i] = sum(weights[j] * outputs[h, j] for j in range(i)) + weights[i] * v[h, i]
+    return outputs
+
+
+def test_naive_matches_scalar_definition():
+    q, k, v = random_qkv(batch=1, n_query_heads=2, n_kv_heads=2, length=6, head_dim=3)
+    naive = ka_attention_naive(q, k, v, scale=0.7)[0]
+    assert torch.allclose(naive, scalar_reference(q[0], k[0], v[0], 0.7), atol=1e-12)
+
+
+@pytest.mark.parametrize("n_query_heads,n_kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("block_size", [None, 3, 512])
+def test_parallel_equals_loop(n_query_heads, n_kv_heads, block_size):
+    q, k, v = random_qkv(n_query_heads=n_query_heads, n_kv_heads=n_kv_heads, length=13, seed=n_kv_heads)
+    reference = ka_attention_naive(q, k, v, scale=0.4)
+    parallel = ka_attention(q, k, v, scale=0.4, block_size=block_size)
+    assert (parallel - reference).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("split", [1, 4, 12])
+def test_chunk_with_cached_outputs_equals_whole(split):
+    q, k, v = random_qkv(length=13)
+    whole = ka_attention(q, k, v, scale=0.3)
+    first = ka_attention(q[..., :split, :], k[..., :split, :], v[..., :split, :], scale=0.3)
+    rest = ka_attention(q[..., split:, :], k, v[..., split:, :], past_outputs=first, scale=0.3)
+    assert (torch.cat([first, rest], dim=-2) - whole).abs().max() < 1e-12
+
+
+def test_token_by_token_equals_whole():
+    q, k, v = random_qkv(length=9)
+    outputs = None
+    for i in range(9):
+        new = ka_attention(q[..., i : i + 1, :], k[..., : i + 1, :], v[..., i : i + 1, :], past_outputs=outputs,
+                           scale=0.5)
+        outputs = new if outputs is None else torch.cat([outputs, new], dim=-2)
+    assert (outputs - ka_attention(q, k, v, scale=0.5)).abs().max() < 1e-12
+
+
+def test_padding_sliding_window_and_softcap():
+    q, k, v = random_qkv(length=12)
+    allowed = left_padded(2, 12, pads=[0, 4]) & causal_allowed(12, 12, None, sliding_window=4)
+    reference = ka_attention_naive(q, k, v, allowed=allowed, scale=0.6, softcap=2.0)
+    parallel = ka_attention(q, k, v, allowed=allowed, scale=0.6, softcap=2.0, block_size=5)
+    assert (parallel - reference).abs().max() < 1e-12
+    assert torch.isfinite(parallel).all()
+    assert parallel[1, :, :4].abs().max() == 0  # fully masked (pad) queries output exactly 0
+
+
+def test_fully_masked_rows_have_finite_gradients():
+    q, k, v = (t.requires_grad_() for t in random_qkv(length=8))
+    allowed = left_padded(2, 8, pads=[3, 8])  # row 1 is all padding
+    ka_attention(q, k, v, allowed=allowed, scale=0.5).square().sum().backward()
+    for tensor in (q, k, v):
+        assert torch.isfinite(tensor.grad).all()
+
+
+def test_gradcheck_parallel_form():
+    q, k, v = random_qkv(batch=1, length=6, head_dim=3)
+    allowed = left_padded(1, 6, pads=[1])
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ka_attention(q, k, v, allowed=allowed, scale=0.5, block_size=4), inputs
+    )
+
+
+def test_gradients_match_the_loop():
+    q, k, v = random_qkv(length=10)
+    weights_out = torch.randn(2, 4, 10, 5, dtype=torch.float64)
+    grads = []
+    for op in (ka_attention, ka_attention_naive):
+        inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        (op(*inputs, scale=0.5) * weights_out).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for parallel_grad, loop_grad in zip(*grads):
+        assert (parallel_grad - loop_grad).abs().max() < 1e-11
+
+
+def test_float32_and_half_dtypes():
+    q, k, v = random_qkv(length=16)
+    reference = ka_attention_naive(q, k, v, scale=0.4)
+    single = ka_attention(q.float(), k.float(), v.float(), scale=0.4)
+    assert single.dtype == torch.float32 and (single.double() - reference).abs().max() < 1e-5
+    for half in (torch.float16, torch.bfloat16):
+        result = ka_attention(q.to(half), k.to(half), v.to(half), scale=0.4)
+        assert result.dtype == half
+        assert (result.double() - reference).abs().max() < 0.05
+
+
+def test_blocked_long_prompt_equals_single_solve():
+    q, k, v = random_qkv(batch=1, n_query_heads=2, n_kv_heads=1, length=300, head_dim=4, dtype=torch.float32)
+    assert (ka_attention(q, k, v, scale=0.5, block_size=64) - ka_attention(q, k, v, scale=0.5, block_size=None)).abs().max() < 1e-5
+
+
+def test_plan2_collapses_to_first_value():
+    q, k, v = random_qkv(length=9)
+    allowed = left_padded(2, 9, pads=[0, 3])
+    outputs = ka_attention(q, k, v, allowed=allowed, scale=0.5, variant="plan2")
+    assert (outputs - ka_attention_naive(q, k, v, allowed=allowed, scale=0.5, variant="plan2")).abs().max() < 1e-12
+    first_values = v.repeat_interleave(2, dim=1)
+    assert torch.allclose(outputs[0], first_values[0, :, :1].expand(-1, 9, -1), atol=1e-12)
+    assert torch.allclose(outputs[1, :, 3:], first_values[1, :, 3:4].expand(-1, 6, -1), atol=1e-12)
+
+
+def test_standard_attention_matches_sdpa():
+    q, k, v = random_qkv(length=7)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.5
+    )
+    assert (standard_attention(q, k, v, scale=0.5) - expected).abs().max() < 1e-12
+
+
+def test_weights_rows_sum_to_one_or_zero():
+    q, k, _ = random_qkv(length=6)
+    weights = attention_weights(q, k, left_padded(2, 6, pads=[2, 0]), scale=1.0)
+    sums = weights.sum(-1)
+    assert torch.allclose(sums[0, :, 2:], torch.ones_like(sums[0, :, 2:])) and sums[0, :, :2].abs().max() == 0
