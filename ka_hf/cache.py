@@ -23,52 +23,60 @@ VARIANTS = ("ka", "plan2")
 class KALayer(DynamicLayer):
     """One KA layer: `keys` (B, H_kv, T, d) and `values` = attention outputs A (B, H_q, T, d_v).
 
-    `update(k, v)` appends the new keys and hands back (all keys, the new values); the attention then computes
-    the new outputs and stores them with `append_outputs`. With an adapter the stored outputs are f(A), which is
-    what later tokens attend over.
+    `update(k, v)` appends the new keys, and appends the new tokens' own values (expanded to query heads) as
+    placeholders in the output slots: the new token's row of attention then reads exactly [A_past; v_new], so a
+    decode step is plain attention over `values`. The attention then overwrites the placeholders with the real
+    outputs (`store_outputs`). With an adapter the stored outputs are f(A), which is what later tokens attend over.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.awaiting_outputs = 0
+        self.pending = 0  # new tokens whose output slots still hold their values
 
     @property
     def outputs(self) -> torch.Tensor | None:
         return self.values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, num_query_heads: int | None = None,
+               *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.awaiting_outputs:
+        if self.pending:
             raise KAError(
                 "KACache: the previous step's attention outputs were never stored, so this model's attention did "
                 "not run through ka_hf. Use a supported architecture (see ka_hf.SUPPORTED_ARCHITECTURES)."
             )
+        group = (num_query_heads or value_states.shape[1]) // value_states.shape[1]
+        placeholders = value_states.repeat_interleave(group, dim=1) if group > 1 else value_states
         self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.awaiting_outputs = key_states.shape[-2]
-        return self.keys, value_states
-
-    def append_outputs(self, outputs: torch.Tensor) -> None:
-        if outputs.shape[-2] != self.awaiting_outputs:
-            raise RuntimeError(f"expected outputs for {self.awaiting_outputs} new tokens, got {outputs.shape[-2]}")
-        self.values = torch.cat([self.values, outputs], dim=-2)
-        self.awaiting_outputs = 0
+        self.values = torch.cat([self.values, placeholders], dim=-2)
+        self.pending = key_states.shape[-2]
+        return self.keys, self.values
 
     def past_outputs(self) -> torch.Tensor | None:
         """Outputs of the tokens cached before the pending update (None when there are none)."""
-        return self.values if self.values is not None and self.values.numel() else None
+        n_past = self.values.shape[-2] - self.pending
+        return self.values[..., :n_past, :] if n_past else None
+
+    def store_outputs(self, outputs: torch.Tensor) -> None:
+        """Replace the pending placeholders by the new tokens' outputs."""
+        if outputs.shape[-2] != self.pending:
+            raise RuntimeError(f"expected outputs for {self.pending} new tokens, got {outputs.shape[-2]}")
+        n_past = self.values.shape[-2] - self.pending
+        if torch.is_grad_enabled() and (outputs.requires_grad or self.values.requires_grad):
+            self.values = torch.cat([self.values[..., :n_past, :], outputs], dim=-2)  # keep autograd history
+        else:
+            self.values[..., n_past:, :] = outputs  # no copy of the past: a decode step writes one row
+        self.pending = 0
 
     def reset(self) -> None:
-        self.awaiting_outputs = 0
+        self.pending = 0
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        self._check_settled("crop")
+        if self.pending:
+            raise RuntimeError("KACache.crop called between a key update and its outputs")
         super().crop(tokens_to_remove)
-
-    def _check_settled(self, operation: str) -> None:
-        if self.awaiting_outputs:
-            raise RuntimeError(f"KACache.{operation} called between a key update and its outputs")
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ class KACache(Cache):
                 f"KACache holds a batch of {layer.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
                 "use a new KACache for a new batch."
             )
+        if isinstance(layer, KALayer):
+            return layer.update(key_states, value_states, self.signature.num_heads)
         return layer.update(key_states, value_states, *args, **kwargs)
 
 

@@ -25,7 +25,14 @@ from transformers.generation.utils import GenerationMixin
 
 from .cache import KACache
 from .errors import KAError
-from .ops import DEFAULT_BLOCK_SIZE, causal_allowed, ka_attention, ka_attention_naive, standard_attention
+from .ops import (
+    DEFAULT_BLOCK_SIZE,
+    causal_allowed,
+    ka_attention,
+    ka_attention_naive,
+    ka_decode_step,
+    standard_attention,
+)
 
 # model_type -> the attention class whose forward is routed. Llama-family models carry their own copy of
 # Llama's attention code (same q/k/v -> cache.update -> attention interface flow), so each is listed.
@@ -195,21 +202,25 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
     return outputs.transpose(1, 2), None
 
 
-def _ka_with_cache(cache: KACache, layer_idx, query, key, value, allowed, scale, softcap, dropout_p):
+def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scale, softcap, dropout_p):
+    """`values` is the layer's output slots: past outputs, then the new tokens' values as placeholders."""
     layer = cache.layers[layer_idx]
     past_outputs = layer.past_outputs()
-    n_past = key.shape[-2] - query.shape[-2]
+    n_new = query.shape[-2]
+    new_values = values[..., -n_new:, :]  # already expanded to query heads: a GQA group reads one kv head
     adapter = cache.adapter
-    if cache.prefill == "standard" and n_past == 0:
-        outputs = standard_attention(query, key, value, allowed, scale, softcap)
-    elif adapter is not None and query.shape[-2] > 1:
+    if cache.prefill == "standard" and past_outputs is None:
+        outputs = standard_attention(query, keys, new_values, allowed, scale, softcap)
+    elif n_new == 1 and cache.variant == "ka":
+        outputs = ka_decode_step(query, keys, values, allowed, scale, softcap)
+    elif adapter is not None:
         # f applied to outputs inside the chunk has no exact triangular solve in general: run the recursion.
-        outputs = ka_attention_naive(query, key, value, past_outputs, allowed, scale, softcap, cache.variant,
+        outputs = ka_attention_naive(query, keys, new_values, past_outputs, allowed, scale, softcap, cache.variant,
                                      value_map=functools.partial(adapter.map_outputs, layer_idx))
     else:
-        outputs = ka_attention(query, key, value, past_outputs, allowed, scale, softcap, cache.variant, dropout_p,
-                               cache.block_size)
-    layer.append_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
+        outputs = ka_attention(query, keys, new_values, past_outputs, allowed, scale, softcap, cache.variant,
+                               dropout_p, cache.block_size)
+    layer.store_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
     return outputs
 
 

@@ -257,3 +257,21 @@ def test_bad_options():
         KACache(prefill="magic")
     with pytest.raises(KAError, match="layers"):
         tiny_model("gpt2")(random_ids(), past_key_values=KACache(layers=[7]), use_cache=True)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "qwen3"])
+def test_other_llama_family_members(family):
+    """Gemma (scaled embeddings), Gemma-2 (attention softcap, alternating sliding window) and Qwen3 (q/k norms)."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    extra = dict(attn_logit_softcapping=2.0, sliding_window=4, query_pre_attn_scalar=8) if family == "gemma2" else {}
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, **extra)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").double().eval()
+    input_ids = random_ids(length=9)
+    parallel, _ = chunked_logits(model, input_ids, chunk=9)
+    tokens, _ = chunked_logits(model, input_ids, chunk=1)
+    with torch.no_grad():
+        standard = model(input_ids).logits
+    assert (parallel - tokens).abs().max() < 1e-10 and (parallel - standard).abs().max() > 1e-4

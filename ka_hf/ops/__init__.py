@@ -6,7 +6,7 @@
 
 from .common import attention_weights, causal_allowed, expand_kv_heads
 from .naive import ka_attention_naive
-from .parallel import DEFAULT_BLOCK_SIZE, ka_attention, standard_attention
+from .parallel import DEFAULT_BLOCK_SIZE, ka_attention, ka_decode_step, standard_attention
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -15,5 +15,6 @@ __all__ = [
     "expand_kv_heads",
     "ka_attention",
     "ka_attention_naive",
+    "ka_decode_step",
     "standard_attention",
 ]

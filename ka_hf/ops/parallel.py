@@ -119,3 +119,25 @@ def standard_attention(
         allowed = causal_allowed(query.shape[-2], key.shape[-2], query.device)
     weights = attention_weights(query, key, allowed, scale, softcap)
     return (weights @ expand_kv_heads(value, query.shape[1])).to(out_dtype)
+
+
+def ka_decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attended: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One new token: a = softmax(q K^T) [A_past; v_new] — ordinary attention, no solve (KA-SPEC §3, n = 1).
+
+    query (B, H_q, 1, d); key (B, H_kv, p + 1, d); attended (B, H_q, p + 1, d_v) = past outputs then v_new,
+    already per query head. With one key head per query head and no softcap this is a single fused SDPA call
+    (a fully masked row gives 0); otherwise the grouped explicit form, which never copies keys per query head.
+    """
+    if softcap is None and query.shape[1] == key.shape[1]:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, attended, attn_mask=allowed, scale=scale)
+    out_dtype = attended.dtype
+    dtype = compute_dtype(out_dtype)
+    weights = attention_weights(query.to(dtype), key.to(dtype), allowed, scale, softcap)
+    return (weights @ attended.to(dtype)).to(out_dtype)

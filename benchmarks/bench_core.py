@@ -1,0 +1,163 @@
+"""Core speed ratios, measured in one run on the same models (KA-SPEC §3, issue "Core").
+
+    python benchmarks/bench_core.py                 # CPU, float32
+    python benchmarks/bench_core.py --device cuda --dtype bfloat16
+
+For a GPT-2-small-shaped model (12 layers, 768 wide, 12 heads) and a Pythia-70M-shaped GPT-NeoX (random init):
+  1. decode tokens/s with KACache / with DynamicCache                   (target >= 0.95)
+  2. parallel KA prefill of a 512-token prompt vs feeding it token by token (target >= 30x)
+  3. training step (forward + backward, batch 8) with exact KA / with standard SDPA at T=128 and T=512
+     (target <= 1.2x at 128, <= 1.5x at 512; the original project's token loop was 4.7x)
+Prints a markdown table and writes it (with the machine) as JSON when --out is given.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import ka_hf
+from ka_hf.models import PYTHIA_70M_SHAPE, model_config
+
+MODELS = {
+    "gpt2-small": dict(arch="gpt2", num_layers=12, hidden_size=768, num_heads=12, vocab_size=50257),
+    "pythia-70m": dict(arch="gpt-neox", vocab_size=50304, **PYTHIA_70M_SHAPE),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median wall seconds of `repeats` calls after one warm-up call."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def build(name, device, dtype):
+    spec = dict(MODELS[name])
+    config = model_config(spec.pop("arch"), max_positions=2048, **spec)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device, dtype).eval()
+
+
+@torch.no_grad()
+def decode_seconds_per_token(model, make_cache, prompt_len, new_tokens, device):
+    """Seconds per decode step after a prompt: a manual greedy loop, so generate()'s own overhead is not timed."""
+    input_ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+
+    def run():
+        cache = make_cache()
+        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        synchronize(device)
+        return (time.perf_counter() - start) / new_tokens
+
+    run()
+    return statistics.median(run() for _ in range(3))
+
+
+@torch.no_grad()
+def prefill_ratio(model, prompt_len, device, repeats):
+    input_ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+
+    def parallel():
+        model(input_ids, past_key_values=ka_hf.KACache(), use_cache=True)
+
+    def token_by_token():
+        cache = ka_hf.KACache()
+        for i in range(prompt_len):
+            model(input_ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+
+    parallel_s = timed(parallel, device, repeats)
+    loop_s = timed(token_by_token, device, 1)
+    return parallel_s, loop_s
+
+
+def train_step_seconds(model, seq_len, batch, device, ka, repeats):
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if ka:
+            with ka_hf.exact_ka(model):
+                loss = model(input_ids, labels=input_ids, use_cache=False).loss
+        else:
+            loss = model(input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+
+    seconds = timed(step, device, repeats)
+    model.eval()
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--models", default="gpt2-small,pythia-70m")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--decode-prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--train-lengths", default="128,512")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_grad_enabled(True)
+
+    rows = []
+    for name in args.models.split(","):
+        model = build(name, device, dtype)
+        kv_step = decode_seconds_per_token(model, DynamicCache, args.decode_prompt, args.new_tokens, device)
+        ka_step = decode_seconds_per_token(model, ka_hf.KACache, args.decode_prompt, args.new_tokens, device)
+        row = dict(model=name, decode_kv_tok_s=1 / kv_step, decode_ka_tok_s=1 / ka_step, decode_ratio=kv_step / ka_step)
+        parallel_s, loop_s = prefill_ratio(model, args.prompt_len, device, args.repeats)
+        row.update(prefill_parallel_s=parallel_s, prefill_loop_s=loop_s, prefill_speedup=loop_s / parallel_s)
+        for seq_len in (int(t) for t in args.train_lengths.split(",")):
+            standard_s = train_step_seconds(model, seq_len, args.batch, device, ka=False, repeats=args.repeats)
+            ka_s = train_step_seconds(model, seq_len, args.batch, device, ka=True, repeats=args.repeats)
+            row.update({f"train_T{seq_len}_standard_s": standard_s, f"train_T{seq_len}_ka_s": ka_s,
+                        f"train_T{seq_len}_ratio": ka_s / standard_s})
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        del model
+
+    machine = (torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+    print(f"\nMachine: {machine}; {platform.platform()}; torch {torch.__version__}; dtype {args.dtype}\n")
+    lengths = args.train_lengths.split(",")
+    header = ["model", "decode KA/KV tok/s", "KV tok/s", "KA tok/s", f"prefill {args.prompt_len}: loop/parallel"]
+    header += [f"train T={t}: KA/SDPA" for t in lengths]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        cells = [row["model"], f"{row['decode_ratio']:.3f}", f"{row['decode_kv_tok_s']:.1f}", f"{row['decode_ka_tok_s']:.1f}",
+                 f"{row['prefill_speedup']:.1f}x ({row['prefill_loop_s']:.2f} s / {row['prefill_parallel_s']:.3f} s)"]
+        cells += [f"{row[f'train_T{t}_ratio']:.2f}x ({row[f'train_T{t}_ka_s']:.2f} s / {row[f'train_T{t}_standard_s']:.2f} s)"
+                  for t in lengths]
+        print("| " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(machine=machine, dtype=args.dtype, torch=torch.__version__, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
