@@ -1,12 +1,12 @@
 """Inference modes by name: "kv,ka,ka-hybrid,ka@0-2,ka+adapter" -> `Mode`s that make a fresh cache per window.
 
-| name | cache | meaning for scoring a window |
-|---|---|---|
-| kv | DynamicCache | standard attention (the baseline) |
-| ka | KACache() | exact KA over the whole window |
-| ka-hybrid | KACache(prefill="standard") | the window's context (unscored) tokens are a prompt computed with standard attention, whose outputs are cached as A; the rest is fed through the KA cache |
-| ka@LAYERS | KACache(layers=[...]) | exact KA on those layers, standard attention on the others |
-| ka+adapter | KACache(adapter=...) | exact KA with a learned map f of cached outputs (plan 1); needs --adapter DIR |
+    kv          DynamicCache                 standard attention (the baseline)
+    ka          KACache()                    exact KA over the whole window
+    ka-hybrid   KACache(prefill="standard")  the window's context (unscored) tokens, or else its first token, are
+                                             a prompt computed with standard attention (outputs cached as A);
+                                             the rest is fed through the KA cache
+    ka@LAYERS   KACache(layers=[...])        exact KA on those layers, standard attention on the others
+    ka+adapter  KACache(adapter=...)         exact KA with a learned map f of cached outputs (plan 1)
 
 LAYERS is a list of indices and ranges: `ka@0,1,2`, `ka@0-2`, `ka@0-1,4`. A suffix also works after
 `ka-hybrid` and `ka+adapter` (`ka-hybrid@3`).
@@ -59,8 +59,11 @@ class Mode:
 
     @property
     def definition(self) -> str:
-        text = DEFINITIONS[self.kind]
-        return text if self.layers is None else f"{text}; KA on layers {list(self.layers)} only"
+        if self.layers is None:
+            return DEFINITIONS[self.kind]
+        if self.kind == "ka":
+            return f"exact KA on layers {list(self.layers)} only, standard attention elsewhere (KACache(layers=...))"
+        return f"{DEFINITIONS[self.kind]}; KA on layers {list(self.layers)} only, standard attention on the others"
 
     def new_cache(self, adapter=None):
         """A fresh, empty cache for one window (one cache per model and per batch)."""
@@ -109,7 +112,8 @@ def parse_layers(text: str, num_layers: int | None = None, mode_text: str = "") 
             raise KAError(f"bad layer range {part!r} in mode {mode_text or text!r}: write low-high")
         layers.update(range(first, last + 1))
     if num_layers is not None and max(layers) >= num_layers:
-        raise KAError(f"mode {mode_text or text!r} names layer {max(layers)}, but the model has layers 0-{num_layers - 1}")
+        raise KAError(f"mode {mode_text or text!r} names layer {max(layers)}, "
+                      f"but the model has layers 0-{num_layers - 1}")
     return tuple(sorted(layers))
 
 

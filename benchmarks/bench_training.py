@@ -1,0 +1,104 @@
+"""Training-step time, KA vs standard attention, at the original protocol's shapes, in one run.
+
+    python benchmarks/bench_training.py                      # Pythia-70M shape, batch 8 x 128 tokens
+    python benchmarks/bench_training.py --vocab-size 8192 --steps 10 --out bench_training.json
+
+One step = forward + backward + AdamW step on a random-init GPT-NeoX of the Pythia-70M shape (6 layers, hidden
+512, 8 heads, rotary_pct 0.25). The three kinds of step are interleaved (standard, KA parallel, KA token loop,
+standard, ...) so that machine noise hits them alike; medians are reported, with the ratio to standard.
+"KA token loop" runs the reference recursion (`ka_hf.ops.ka_attention_naive`) in place of the parallel solve:
+the way the original project trained (it reported 4.7x); --no-loop skips it.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import ka_hf
+import ka_hf.integration
+from ka_hf import report
+from ka_hf.models import PYTHIA_70M_SHAPE, model_config
+from ka_hf.ops import ka_attention_naive
+
+
+def token_loop(q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size):
+    return ka_attention_naive(q, k, v, past, allowed, scale, softcap, variant)
+
+
+def make_step(model, optimizer, input_ids, kind, device):
+    parallel = ka_hf.integration.ka_attention
+
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        if kind == "ka loop":
+            ka_hf.integration.ka_attention = token_loop
+        try:
+            if kind == "standard":
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            else:
+                with ka_hf.exact_ka(model):
+                    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+        finally:
+            ka_hf.integration.ka_attention = parallel
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=50304, help="Pythia's padded vocabulary by default")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per kind")
+    parser.add_argument("--loop-steps", type=int, default=2, help="timed steps of the (slow) token loop")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-loop", action="store_true", help="skip the token-loop reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="also write the results as JSON")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = model_config("gpt-neox", args.vocab_size, max_positions=max(2048, args.seq_len), **PYTHIA_70M_SHAPE)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
+    kinds = ["standard", "ka parallel"] + ([] if args.no_loop else ["ka loop"])
+    steps = {kind: make_step(model, optimizer, input_ids, kind, device) for kind in kinds}
+    times = {kind: [] for kind in kinds}
+    for round_ in range(args.warmup + args.steps):
+        for kind in kinds:
+            if kind == "ka loop" and round_ >= args.warmup + args.loop_steps:
+                continue
+            seconds = steps[kind]()
+            if round_ >= args.warmup:
+                times[kind].append(seconds)
+
+    tokens = args.batch_size * args.seq_len
+    baseline = statistics.median(times["standard"])
+    rows = [dict(kind=kind, ms=1e3 * statistics.median(t), tokens_per_s=tokens / statistics.median(t),
+                 ratio=statistics.median(t) / baseline, steps=len(t)) for kind, t in times.items()]
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"training step (forward + backward + AdamW), GPT-NeoX Pythia-70M shape, {parameters / 1e6:.1f}M "
+          f"parameters, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {device}")
+    print(report.markdown_table(rows, [("kind", "attention"), ("ms", "median ms/step"),
+                                       ("tokens_per_s", "tokens/s"), ("ratio", "x standard"), ("steps", "steps")]))
+    print(f"KA (parallel) / standard = {rows[1]['ratio']:.2f}x")
+    if args.out:
+        report.write_json(args.out, dict(args=vars(args), parameters=parameters, results=rows,
+                                         environment=report.environment()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Perplexity of KV caching vs KA caching on the same model, the same token windows, in the same run.
+
+    python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka-hybrid --out results/ppl
+    python examples/eval_ppl.py --model M --text-file wiki.test.txt --max-length 128 --stride 64 --layer-sweep --out R
+    accelerate launch examples/eval_ppl.py --model M --modes kv,ka --out R             # GPUs
+    torchrun --nproc_per_node 2 examples/eval_ppl.py --model M --modes kv,ka --out R   # 2 CPU processes
+
+Modes: kv, ka, ka-hybrid, ka@LAYERS (ka@0-2, ka@0,1,2), ka+adapter (with --adapter DIR). Writes results.json,
+results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to --out. See docs/evaluation.md.
+"""
+
+import argparse
+import sys
+
+from ka_hf.cli import user_errors_exit_2
+from ka_hf.errors import KAError
+from ka_hf.evaluation import METHODS, MODES_HELP, SWEEPS, PplRun, parse_modes, run_ppl_eval
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID")
+    parser.add_argument("--tokenizer", metavar="PATH_OR_HUB_ID", help="default: the model's")
+    parser.add_argument("--modes", default="kv,ka,ka-hybrid", help=f"comma-separated: {MODES_HELP}")
+    parser.add_argument("--adapter", metavar="DIR", help="a saved plan-1 adapter, for the ka+adapter mode")
+    parser.add_argument("--out", default="eval_ppl_out", metavar="DIR", help="where results.json/.md and plots go")
+
+    data = parser.add_argument_group("data (default: the offline corpus, ka_hf.data.default_corpus)")
+    data.add_argument("--dataset", help="a Hub dataset name (e.g. Salesforce/wikitext)")
+    data.add_argument("--dataset-config", help="e.g. wikitext-2-raw-v1")
+    data.add_argument("--split", default="test")
+    data.add_argument("--text-file", help="a local .txt (one text per line) / .jsonl / .json / .parquet file")
+    data.add_argument("--text-column", default="text")
+
+    windows = parser.add_argument_group("windows (as in the HF perplexity guide)")
+    windows.add_argument("--max-length", type=int, default=128, help="tokens per window")
+    windows.add_argument("--stride", type=int, default=128, help="a window starts every STRIDE tokens")
+    windows.add_argument("--max-windows", type=int, help="score only the first N windows (quick runs)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", choices=METHODS, default="parallel",
+                     help="parallel: one forward per window; token: token by token through the cache (decode tokens/s)")
+    run.add_argument("--layer-sweep", nargs="?", const="prefix", choices=SWEEPS,
+                     help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone")
+    run.add_argument("--batch-size", type=int, default=1, help="windows per forward (right padding)")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
+    run.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    run.add_argument("--threads", type=int, help="torch CPU threads per process")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Fail on bad flags before loading anything."""
+    if args.stride > args.max_length:
+        raise KAError(f"--stride ({args.stride}) must not exceed --max-length ({args.max_length})")
+    if args.stride < 1 or args.max_length < 2:
+        raise KAError("need --stride >= 1 and --max-length >= 2")
+    if args.dataset and args.text_file:
+        raise KAError("give --dataset or --text-file, not both")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise KAError("--max-windows must be at least 1")
+    modes = parse_modes(args.modes)  # unknown modes fail now; layer indices are checked once the model is loaded
+    if any(mode.needs_adapter for mode in modes) and args.adapter is None:
+        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+
+
+@user_errors_exit_2
+def main(argv=None):
+    args = parse_args(argv)
+    run = PplRun(**{key: value for key, value in vars(args).items()})
+    result = run_ppl_eval(run)
+    if result is not None:  # the main process
+        print(result["summary"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

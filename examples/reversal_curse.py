@@ -1,0 +1,125 @@
+"""The reversal curse per inference mode: forward ("A is B") vs backward ("B is A") PPL of the facts a model was
+trained on, over whole sentences and answer spans, plus greedy exact match of the answer.
+
+    python examples/reversal_curse.py --model runs/facts/best --modes kv,ka,ka-hybrid --out results/reversal
+    python examples/reversal_curse.py --model M --facts 200 --facts-seed 0 --trained-on forward --out R
+
+The facts are ka_hf.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
+config.ka["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
+See docs/reversal.md.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ka_hf import report
+from ka_hf.cli import user_errors_exit_2
+from ka_hf.errors import KAError
+from ka_hf.evaluation import MODES_HELP, parse_modes
+from ka_hf.evaluation.reversal import (SCORING, SPLITS, TRAINED_ON, check_split, recorded_facts, reversal_metrics,
+                                       reversal_table)
+from ka_hf.facts import TEMPLATES, make_facts
+from ka_hf.models import load_model, load_tokenizer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID")
+    parser.add_argument("--tokenizer", metavar="PATH_OR_HUB_ID", help="default: the model's")
+    parser.add_argument("--modes", default="kv,ka,ka-hybrid", help=f"comma-separated: {MODES_HELP}")
+    parser.add_argument("--adapter", metavar="DIR", help="a saved plan-1 adapter, for the ka+adapter mode")
+    parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default config.ka's record")
+    parser.add_argument("--facts-seed", type=int, metavar="S", help="default: config.ka's record, else 0")
+    parser.add_argument("--trained-on", choices=TRAINED_ON[:-1],
+                        help="directions in training (none: facts the model never saw, a control); default: "
+                             "config.ka's record, else unknown")
+    parser.add_argument("--split", default="both", choices=(*SPLITS, "both"),
+                        help="templates: test (held out), train (the training paraphrases) or both")
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
+    parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", default="reversal_out", metavar="DIR", help="where results.json/.md go")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = parser.parse_args(argv)
+    parse_modes(args.modes)  # unknown modes fail before the model loads
+    check_split(args.split)
+    if any(mode.needs_adapter for mode in parse_modes(args.modes)) and args.adapter is None:
+        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    return args
+
+
+def facts_config(args, model) -> dict:
+    """n, seed and trained_on from the flags, else the model's config.ka record; says where each came from."""
+    recorded = recorded_facts(model.config)
+    n = args.facts if args.facts is not None else recorded.get("n")
+    if n is None:
+        raise KAError(f"{args.model} does not record its training facts (config.ka['training']['facts']): "
+                      "give --facts N --facts-seed S, the make_facts(N, S) the model was trained on")
+    seed = args.facts_seed if args.facts_seed is not None else recorded.get("seed", 0)
+    trained_on = args.trained_on or recorded.get("include") or "unknown"
+    source = "flags" if args.facts is not None else "config.ka['training']['facts']"
+    return {"n": n, "seed": seed, "trained_on": trained_on, "source": source, "recorded": recorded or None}
+
+
+def results_markdown(record: dict) -> str:
+    model, facts = record["model"], record["facts"]
+    lines = [
+        "# Reversal curse: forward vs backward PPL per mode, on the same model, facts and run", "",
+        f"- model: `{model['path']}` ({model['model_type']}, {model['parameters'] / 1e6:.2f}M parameters, "
+        f"{model['num_layers']} layers)",
+        f"- facts: make_facts({facts['n']}, seed={facts['seed']}) (from {facts['source']}); trained on: "
+        f"{facts['trained_on']}",
+        f"- device: {record['environment']['device']}; scoring: {record['scoring']}", "",
+        "ratio = forward PPL / backward PPL (> 1: forward is harder); gap = backward PPL - forward PPL "
+        "(> 0: backward is harder); EM = greedy exact match of the answer. See docs/reversal.md.",
+    ]
+    for split in record["splits"]:
+        what = "held-out templates" if split == "test" else "training templates"
+        lines += ["", f"## {split} split ({what})", "", reversal_table(record["results"], split)]
+    lines += ["", "## Modes", ""] + [f"- `{name}`: {r['definition']}" for name, r in record["results"].items()]
+    return "\n".join(lines) + "\n"
+
+
+@user_errors_exit_2
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    modes = parse_modes(args.modes, model.config.num_hidden_layers)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    facts = facts_config(args, model)
+    adapter = None
+    if args.adapter:
+        from ka_hf.adapters import load_adapter
+
+        adapter = load_adapter(args.adapter, device=args.device, dtype=model.dtype)
+    results = reversal_metrics(model, tokenizer, make_facts(facts["n"], facts["seed"]), modes, args.split, adapter,
+                               args.batch_size, args.exact_match, args.progress)
+    record = {
+        "command": " ".join(sys.argv),
+        "model": {"path": args.model, "model_type": model.config.model_type,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "num_layers": model.config.num_hidden_layers, "dtype": args.dtype,
+                  "ka_config": getattr(model.config, "ka", None)},
+        "facts": facts,
+        "splits": list(check_split(args.split)),
+        "templates": {f"{direction}/{split}": list(templates) for (direction, split), templates in TEMPLATES.items()},
+        "scoring": SCORING,
+        "environment": report.environment(),
+        "results": results,
+    }
+    out = Path(args.out)
+    report.write_json(out / "results.json", record)
+    (out / "results.md").write_text(results_markdown(record))
+    print("\n\n".join(f"{split}:\n{reversal_table(results, split)}" for split in record["splits"]))
+    print(f"written to {out}/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

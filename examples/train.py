@@ -1,0 +1,106 @@
+"""Train a causal LM with standard or exact KA attention; defaults = the original study's protocol.
+
+    python examples/train.py --attention standard --out runs/standard
+    python examples/train.py --attention ka --out runs/ka
+    python examples/train.py --attention ka --text-file wiki.train.txt --val-text-file wiki.valid.txt --out runs/wiki
+    python examples/train.py --resume runs/ka                  # continue an interrupted run
+    accelerate launch examples/train.py --attention ka --out runs/ka   # several GPUs
+
+Writes the per-epoch table (epochs.md, results.json), curves.png and the best checkpoint (best/, with its
+tokenizer and config.ka recording how it was trained). See docs/training.md.
+"""
+
+import argparse
+
+from ka_hf.cli import user_errors_exit_2
+from ka_hf.models import ARCHITECTURES
+from ka_hf.training import ATTENTIONS, PRECISIONS, SCHEDULES, VARIANTS, TrainConfig, load_train_config, train
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except None and on/off switches."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+        if shown and "default" not in text:
+            text += f" (default: {action.default})"
+        return text
+
+
+def parse_args(argv=None):
+    defaults = TrainConfig(out="")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", help="output directory (required unless --resume)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    attention = parser.add_argument_group("attention")
+    attention.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention, help="attention to train")
+    attention.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
+                           help="KA variant; plan2 = the original's plan 2 (see docs/plan2.md)")
+    attention.add_argument("--ka-layers", type=int, nargs="+", help="layers that use KA (default: all)")
+
+    model = parser.add_argument_group("model (from scratch: --arch + shape or --model-config; fine-tune: --model)")
+    model.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch, help="family, from scratch")
+    for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
+        model.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                           help="as Pythia-70M")
+    model.add_argument("--rotary-pct", type=float, default=defaults.rotary_pct, help="gpt-neox only")
+    model.add_argument("--model-config", metavar="JSON", help="an HF config.json or ka_hf model_config kwargs")
+    model.add_argument("--model", metavar="PATH_OR_ID", help="fine-tune this checkpoint instead")
+    model.add_argument("--tokenizer", metavar="PATH_OR_ID", help="default: train a byte-level BPE on the data")
+    model.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="of the trained tokenizer")
+
+    data = parser.add_argument_group("data (default: the offline corpus of stdlib docstrings)")
+    data.add_argument("--dataset", help="a Hub dataset name")
+    data.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
+    data.add_argument("--split", default=defaults.split, help="training split of --dataset")
+    data.add_argument("--val-split", default=defaults.val_split, help="validation split of --dataset")
+    data.add_argument("--text-file", help="a local .txt/.jsonl/.json/.parquet training file")
+    data.add_argument("--val-text-file", help="validation file (default: the last --val-fraction of --text-file)")
+    data.add_argument("--text-column", default=defaults.text_column, help="column of .jsonl/.json/.parquet files")
+    data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                      help="share of --text-file blocks that validate when there is no --val-text-file")
+    data.add_argument("--samples", type=int, default=defaults.samples, help="training blocks")
+    data.add_argument("--val-samples", type=int, help="validation blocks (default: all)")
+    data.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per block")
+
+    optim = parser.add_argument_group("optimization (AdamW)")
+    optim.add_argument("--epochs", type=int, default=defaults.epochs, help="at most")
+    optim.add_argument("--patience", type=int, default=defaults.patience,
+                       help="stop after this many epochs without a lower val PPL")
+    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="blocks per step (per process)")
+    optim.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    optim.add_argument("--lr-schedule", choices=SCHEDULES, default=defaults.lr_schedule, help="after warmup")
+    optim.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warmup")
+    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's")
+    optim.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping")
+    optim.add_argument("--seed", type=int, default=defaults.seed, help="init, data order, dropout")
+    optim.add_argument("--mixed-precision", choices=PRECISIONS, default=defaults.mixed_precision, help="GPU only")
+    optim.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    optim.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    args = parser.parse_args(argv)
+    if args.out is None and args.resume is None:
+        parser.error("give --out DIR (or --resume DIR)")
+    return args
+
+
+@user_errors_exit_2
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume is not None:
+        config = load_train_config(args.resume)
+        config.out, config.progress = args.resume, args.progress
+        result = train(config, resume=True)
+    else:
+        values = {key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}
+        result = train(TrainConfig(**values), overwrite=args.overwrite)
+    if result.is_main_process:
+        print((result.out_dir / "epochs.md").read_text())
+        print(f"best checkpoint: {result.best_dir}")
+
+
+if __name__ == "__main__":
+    main()

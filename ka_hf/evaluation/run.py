@@ -1,0 +1,335 @@
+"""The eval_ppl job: load model and data, score every mode on the same windows, write results.json/.md and plots.
+
+`run_ppl_eval(PplRun(model=..., out=...))` is what examples/eval_ppl.py calls; the metrics themselves live in
+`ka_hf.evaluation.ppl`. Under several processes (torchrun, accelerate launch) every process loads the same data
+and scores its share of the windows; only the main process writes files and returns the record.
+"""
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import report
+from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
+from ..errors import KAError
+from ..integration import SUPPORTED_ARCHITECTURES
+from ..models import load_model, load_tokenizer
+from .modes import DEFINITIONS, layer_sweep_modes, parse_modes
+from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
+
+SWEEPS = ("prefix", "single")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+TABLE_COLUMNS = [
+    ("mode", "mode"), ("ppl", "PPL"), ("degradation_pct", "vs kv (%)"), ("mean_nll", "mean NLL"),
+    ("scored_tokens", "scored tokens"), ("tokens_per_s", "tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
+    ("total_time_s", "total time (s)"), ("peak_memory_mib", "peak memory (MiB)"), ("cache_kib", "cache (KiB)"),
+]
+
+
+@dataclass
+class PplRun:
+    """Everything a run depends on (the command-line flags of examples/eval_ppl.py)."""
+
+    model: str
+    out: str = "eval_ppl_out"
+    tokenizer: str | None = None
+    modes: str = "kv,ka,ka-hybrid"
+    adapter: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "test"
+    text_file: str | None = None
+    text_column: str = "text"
+    max_length: int = 128
+    stride: int = 128
+    max_windows: int | None = None
+    method: str = "parallel"
+    layer_sweep: str | None = None
+    batch_size: int = 1
+    dtype: str = "float32"
+    mixed_precision: str | None = None
+    cpu: bool = False
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def run_ppl_eval(run: PplRun) -> dict | None:
+    """Run it; returns the results record on the main process (with a printable "summary"), None elsewhere."""
+    from accelerate import Accelerator
+
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    accelerator = Accelerator(cpu=run.cpu or not torch.cuda.is_available(), mixed_precision=run.mixed_precision)
+    try:
+        return _run(run, accelerator)
+    finally:
+        accelerator.end_training()  # tears the process group down cleanly (gloo aborts at exit otherwise)
+
+
+def _run(run: PplRun, accelerator) -> dict | None:
+    from accelerate.utils import set_seed
+
+    log = accelerator.print
+    set_seed(run.seed)
+    if any(mode.needs_adapter for mode in parse_modes(run.modes)) and run.adapter is None:  # before loading
+        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    model = load_model(run.model, dtype=DTYPES[run.dtype], device=accelerator.device)
+    adapter = load_adapter(run.adapter, model, accelerator.device) if run.adapter else None
+    modes = parse_modes(run.modes, model.config.num_hidden_layers)
+    check_model(model, modes, run)
+    tokenizer = load_tokenizer(run.tokenizer or run.model)
+
+    data, windows = load_windows(run, tokenizer)
+    log(f"data: {data['source']}: {data['texts']:,} texts, {data['tokens']:,} tokens -> {len(windows):,} windows "
+        f"(max_length {run.max_length}, stride {run.stride}), {count_scored_tokens(windows):,} scored tokens")
+    log(f"scoring: {run.method} ({METHOD_DESCRIPTIONS[run.method]}); {accelerator.num_processes} process(es) "
+        f"on {accelerator.device}; modes: {', '.join(mode.name for mode in modes)}")
+
+    common = dict(method=run.method, batch_size=run.batch_size, accelerator=accelerator, adapter=adapter,
+                  pad_id=tokenizer.pad_token_id or 0, progress=run.progress and accelerator.is_main_process)
+    results = score_modes(model, windows, modes, **common)
+    sweep = None
+    if run.layer_sweep:
+        sweep_modes = layer_sweep_modes(model.config.num_hidden_layers, run.layer_sweep)
+        kv_ppl = next((record["ppl"] for record in results if record["mode"] == "kv"), None)
+        sweep = add_degradation(score_modes(model, windows, sweep_modes, **common), kv_ppl)
+    if not accelerator.is_main_process:
+        return None
+    record = results_record(run, model, data, windows, results, sweep, accelerator)
+    record["adapter"] = None if adapter is None else {"path": run.adapter, **adapter.config_dict()}
+    record["files"] = write_report(record, Path(run.out))
+    record["summary"] = results_markdown(record, with_header=False) + f"\n\nwritten to {run.out}/"
+    return record
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+
+def load_adapter(path, model, device):
+    """The plan-1 adapter saved in `path`, checked against `model`."""
+    from ..adapters import load_adapter as load
+
+    adapter = load(path, device=device)
+    adapter.check_model(model)
+    return adapter
+
+
+def check_model(model, modes, run: PplRun) -> None:
+    if any(mode.uses_ka for mode in modes) and model.config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise KAError(f"KA modes need a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
+                      f"model is {model.config.model_type!r}: use --modes kv")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and run.max_length > positions:
+        raise KAError(f"--max-length {run.max_length} exceeds the model's {positions} positions")
+
+
+def load_windows(run: PplRun, tokenizer):
+    """(data record, windows that score at least one token), the first --max-windows of them if given."""
+    texts = load_texts(run.dataset, run.dataset_config, run.split, run.text_file, run.text_column)
+    ids = tokenize_texts(texts, tokenizer)
+    windows = [window for window in ppl_windows(ids, run.max_length, run.stride) if count_scored_tokens([window]) > 0]
+    if not windows:
+        raise KAError("no window scores a token: give more text")
+    all_windows = len(windows)
+    windows = windows[: run.max_windows] if run.max_windows else windows
+    if run.text_file:
+        source = run.text_file
+    elif run.dataset:
+        source = f"{run.dataset} ({run.dataset_config}) [{run.split}]"
+    else:
+        source = f"ka_hf.data.default_corpus('{run.split}') (offline stdlib docstrings)"
+    data = dict(source=source, texts=len(texts), tokens=len(ids), text_column=run.text_column,
+                joined="texts tokenized without special tokens and joined with eos between them",
+                tokenizer=run.tokenizer or run.model, vocabulary=len(tokenizer))
+    data["windows_available"] = all_windows
+    return data, windows
+
+
+# -----------------------------------------------------------------------------
+# the record and the report
+
+
+def results_record(run, model, data, windows, results, sweep, accelerator) -> dict:
+    config = model.config
+    return {
+        "command": " ".join(sys.argv),
+        "run": asdict(run),
+        "model": {
+            "path": run.model,
+            "model_type": config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "num_heads": config.num_attention_heads,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "dtype": run.dtype,
+            "ka_config": getattr(config, "ka", None),
+        },
+        "data": data,
+        "windows": {
+            "max_length": run.max_length,
+            "stride": run.stride,
+            "count": len(windows),
+            "scored_tokens": count_scored_tokens(windows),
+            "scoring": "NLL over labels != -100 with the usual shift; context tokens (already scored by the "
+                       "previous window) are -100; windows that score no token are dropped",
+            "limited_to_first": run.max_windows,
+        },
+        "method": run.method,
+        "method_description": METHOD_DESCRIPTIONS[run.method],
+        "modes": {record["mode"]: record["definition"] for record in results},
+        "mode_definitions": DEFINITIONS,
+        "seed": run.seed,
+        "processes": accelerator.num_processes,
+        "batch_size": run.batch_size,
+        "mixed_precision": accelerator.mixed_precision,
+        "environment": report.environment(),
+        "results": results,
+        "layer_sweep": None if sweep is None else {"kind": run.layer_sweep, "results": sweep},
+    }
+
+
+def _table_rows(records):
+    """Table cells: memory in MiB/KiB, mean NLL with 4 decimals (PPL gaps can be small)."""
+    return [record | {"peak_memory_mib": record["peak_memory_bytes"] / 2**20,
+                      "cache_kib": record["cache_bytes"] / 1024, "mean_nll": f"{record['mean_nll']:.4f}"}
+            for record in records]
+
+
+def results_markdown(record: dict, with_header: bool = True) -> str:
+    """results.md: the run's settings, the table, the diagnostics."""
+    results = record["results"]
+    lines = []
+    if with_header:
+        model, data, windows = record["model"], record["data"], record["windows"]
+        lines += [
+            "# Perplexity: KV vs KA on the same model, windows and run", "",
+            f"- model: `{model['path']}` ({model['model_type']}, {model['parameters'] / 1e6:.2f}M parameters, "
+            f"{model['num_layers']} layers, hidden {model['hidden_size']}, {model['num_heads']} heads, {model['dtype']})",
+            f"- data: {data['source']}: {data['tokens']:,} tokens; {windows['count']:,} windows of "
+            f"{windows['max_length']} every {windows['stride']} tokens; {windows['scored_tokens']:,} scored tokens",
+            f"- scoring: {record['method']} ({record['method_description']})",
+            f"- device: {record['environment']['device']}, {record['processes']} process(es), batch "
+            f"{record['batch_size']}, mixed precision {record['mixed_precision']}; seed {record['seed']}",
+            f"- peak memory: {results[0]['peak_memory_kind']}; cache: bytes after {results[0]['cache_bytes_after']}",
+            "",
+        ]
+    lines.append(report.markdown_table(_table_rows(results), TABLE_COLUMNS))
+    if with_header:
+        lines += ["", "## Modes", ""] + [f"- `{name}`: {text}" for name, text in record["modes"].items()]
+        lines += ["", "## Diagnostics", ""] + diagnostics_lines(record)
+    return "\n".join(lines)
+
+
+def diagnostics_lines(record) -> list[str]:
+    """Words for the two hypotheses: error along the sequence (NLL gap by position) and over depth (sweep)."""
+    lines = []
+    kv = next((r for r in record["results"] if r["mode"] == "kv"), None)
+    if kv is not None:
+        lines += ["Mean NLL gap to kv (nats) by position in the window, in four equal ranges of the positions scored "
+                  "by most windows (does the error accumulate along the sequence?):", ""]
+        rows = [{"mode": r["mode"], **position_gaps(r, kv)} for r in record["results"] if r["mode"] != "kv"]
+        quarter_keys = [key for key in (rows[0] if rows else {}) if key != "mode"]
+        lines += [report.markdown_table(rows, [("mode", "mode")] + [(key, key) for key in quarter_keys], digits=4), ""]
+    lines.append("![mean NLL by position](nll_by_position.png)")
+    if kv is not None:
+        lines.append("![NLL gap to kv by position](nll_gap_by_position.png)")
+    sweep = record.get("layer_sweep")
+    if sweep:
+        what = "layers [0..k]" if sweep["kind"] == "prefix" else "layer k alone"
+        lines += ["", f"Layer sweep: KA on {what} (does the error accumulate over depth?):", "",
+                  report.markdown_table(_table_rows(sweep["results"]), TABLE_COLUMNS[:4]), "",
+                  "![layer sweep](layer_sweep.png)"]
+    return lines
+
+
+def position_gaps(result, kv, parts: int = 4) -> dict:
+    """Mean NLL gap (result - kv), token-weighted, over `parts` equal ranges of the scored positions."""
+    positions = well_scored_positions(kv)
+    gaps = {}
+    for part in range(parts):
+        chunk = positions[part * len(positions) // parts : (part + 1) * len(positions) // parts]
+        if not chunk:
+            continue
+        tokens = sum(kv["tokens_by_position"][i] for i in chunk)
+        gap = sum((result["nll_by_position"][i] - kv["nll_by_position"][i]) * kv["tokens_by_position"][i]
+                  for i in chunk)
+        gaps[f"positions {chunk[0]}-{chunk[-1]}"] = gap / tokens
+    return gaps
+
+
+def write_report(record: dict, out: Path) -> list[str]:
+    """results.json, results.md and the PNGs in `out`; returns the file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [plot_nll_by_position(record, out / "nll_by_position.png")]
+    if any(r["mode"] == "kv" for r in record["results"]):
+        files.append(plot_nll_gap_by_position(record, out / "nll_gap_by_position.png"))
+    if record.get("layer_sweep"):
+        files.append(plot_layer_sweep(record, out / "layer_sweep.png"))
+    (out / "results.md").write_text(results_markdown(record) + "\n")
+    names = ["results.json", "results.md"] + [Path(path).name for path in files]
+    report.write_json(out / "results.json", record | {"files": names})
+    return names
+
+
+def well_scored_positions(result) -> list[int]:
+    """Positions scored in at least half as many windows as the most scored one. With --stride < --max-length
+    the early positions are scored by the first window alone: one window's noise, left out of the diagnostics."""
+    counts = result["tokens_by_position"]
+    return [i for i, n in enumerate(counts) if n > 0 and 2 * n >= max(counts)]
+
+
+def _position_series(result):
+    return [(i, result["nll_by_position"][i]) for i in well_scored_positions(result)]
+
+
+def plot_nll_by_position(record, path):
+    def draw(ax):
+        for result in record["results"]:
+            positions, nll = zip(*_position_series(result))
+            ax.plot(positions, nll, label=result["mode"], linewidth=1.2)
+        ax.set(xlabel="position of the predicted token in the window", ylabel="mean NLL (nats)",
+               title="Mean NLL by position")
+        ax.legend()
+
+    return report.save_plot(path, draw)
+
+
+def plot_nll_gap_by_position(record, path):
+    kv = next(r for r in record["results"] if r["mode"] == "kv")
+
+    def draw(ax):
+        for result in record["results"]:
+            if result is kv:
+                continue
+            gap = [(i, nll - kv["nll_by_position"][i]) for i, nll in _position_series(result)]
+            ax.plot(*zip(*gap), label=f"{result['mode']} - kv", linewidth=1.2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set(xlabel="position of the predicted token in the window", ylabel="NLL gap to kv (nats)",
+               title="Does the KA error accumulate along the sequence?")
+        ax.legend()
+
+    return report.save_plot(path, draw)
+
+
+def plot_layer_sweep(record, path):
+    sweep = record["layer_sweep"]
+    reference = {r["mode"]: r["ppl"] for r in record["results"]}
+
+    def draw(ax):
+        ks = [max(r["layers"]) for r in sweep["results"]]
+        ax.plot(ks, [r["ppl"] for r in sweep["results"]], marker="o", label="KA on " +
+                ("layers 0..k" if sweep["kind"] == "prefix" else "layer k only"))
+        for name, style in (("kv", "--"), ("ka", ":")):
+            if name in reference:
+                ax.axhline(reference[name], linestyle=style, color="gray", label=f"{name} ({reference[name]:.4g})")
+        ax.set(xlabel="k", ylabel="PPL", title="Does the KA error accumulate over depth?")
+        ax.set_xticks(ks)
+        ax.legend()
+
+    return report.save_plot(path, draw)
+

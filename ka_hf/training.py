@@ -1,0 +1,553 @@
+"""Training a causal LM with standard or exact KA attention: the original study's protocol, one call.
+
+    from ka_hf.training import TrainConfig, train
+    result = train(TrainConfig(out="runs/ka", attention="ka"))
+    print(result.best_val_ppl, result.best_dir)
+
+Defaults are the original protocol: a Pythia-70M-shaped GPT-NeoX (6 layers, hidden 512, 8 heads, rotary_pct
+0.25) from scratch, 5,000 training blocks of 128 tokens, AdamW lr 1e-4, batch 8, up to 10 epochs, early stopping
+with patience 1, a per-epoch train/val PPL table. KA training runs the core's exact parallel form
+(`ka_hf.enable_ka`), so it costs one triangular solve per head and layer, not a Python loop over tokens.
+
+What a run writes to `out/`:
+    train_config.json   the TrainConfig (what `--resume` reads back)
+    tokenizer/          the tokenizer used (trained here when none was given)
+    last/               accelerate state after the last finished epoch (model, optimizer, scheduler, RNG) and
+                        trainer_state.json (epoch records, best so far): what `resume=True` continues from
+    best/               the best epoch's model (save_pretrained, safetensors) + tokenizer; config.ka records
+                        how it was trained
+    epochs.md, results.json, curves.png   the per-epoch table, the full record, the PPL curves
+
+Determinism: the model is initialized from `seed`, and every epoch reseeds (seed + epoch) and shuffles with its
+own generator, so an epoch's result depends only on the state at its start. A resumed run therefore ends with
+the same weights as an uninterrupted one (bit for bit on CPU).
+"""
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import report
+from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
+from .errors import KAError
+from .integration import enable_ka
+from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
+
+ATTENTIONS = ("standard", "ka")
+VARIANTS = ("ka", "plan2")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults = the original protocol (see the module docstring)."""
+
+    out: str
+    attention: str = "standard"  # "standard" | "ka"
+    variant: str = "ka"  # KA variant: "ka" (exact) | "plan2" (the original's plan 2, see docs/plan2.md)
+    ka_layers: list[int] | None = None  # layers that train with KA (None = all)
+    # model: from scratch (arch + shape, or a config JSON) or fine-tuning (`model`)
+    arch: str = "gpt-neox"
+    num_layers: int = 6
+    hidden_size: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    intermediate_size: int = 2048
+    rotary_pct: float = 0.25
+    model_config: str | None = None  # a JSON file: an HF config.json, or ka_hf.models.model_config keyword args
+    model: str | None = None  # a local checkpoint or Hub id to fine-tune
+    tokenizer: str | None = None  # None: train a byte-level BPE on the training split (or the model's own)
+    vocab_size: int = 8192
+    # data (as in eval_ppl.py; neither dataset nor text_file = the offline default corpus)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    val_split: str = "validation"
+    text_file: str | None = None
+    val_text_file: str | None = None  # without it, a text file's last `val_fraction` of blocks validates
+    text_column: str = "text"
+    val_fraction: float = 0.1
+    samples: int = 5000  # training blocks
+    val_samples: int | None = None  # validation blocks (None = all)
+    seq_len: int = 128
+    # optimization
+    epochs: int = 10
+    patience: int = 1  # stop after this many epochs without a better val PPL
+    lr: float = 1e-4
+    batch_size: int = 8
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    # hardware
+    mixed_precision: str = "no"
+    cpu: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_dir: Path
+    records: list[dict]  # one per epoch: epoch, train_ppl, val_ppl, seconds, val_seconds, best, note
+    best_epoch: int
+    best_val_ppl: float
+    stopped_early: bool
+    train_seconds: float  # sum of the epochs' training time
+    files: dict = field(default_factory=dict)  # table, results, plot
+    is_main_process: bool = True  # False in the other processes of a multi-process run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking the config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise KAError for settings that cannot run, before anything slow happens."""
+    choices = dict(attention=ATTENTIONS, variant=VARIANTS, lr_schedule=SCHEDULES, mixed_precision=PRECISIONS)
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise KAError(f"{name}={getattr(config, name)!r} is not known: use one of {', '.join(allowed)}")
+    if config.model is None and config.model_config is None and config.arch not in ARCHITECTURES:
+        raise KAError(f"arch={config.arch!r} is not known: use one of {', '.join(ARCHITECTURES)}")
+    if config.variant != "ka" and config.attention != "ka":
+        raise KAError("a KA variant only applies to KA training: add attention='ka' (--attention ka)")
+    if config.dataset is not None and config.text_file is not None:
+        raise KAError("give either a dataset (--dataset) or a text file (--text-file), not both")
+    positive = dict(epochs=config.epochs, batch_size=config.batch_size, samples=config.samples,
+                    seq_len=config.seq_len - 1, patience=config.patience, vocab_size=config.vocab_size - 256)
+    for name, value in positive.items():
+        if value < 1:
+            raise KAError(f"{name} is too small ({getattr(config, name)}): see --help for the valid range")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise KAError(f"val_fraction must be between 0 and 1, got {config.val_fraction}")
+    if config.lr <= 0:
+        raise KAError(f"lr must be positive, got {config.lr}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data, tokenizer, model
+
+
+def load_data_texts(config: TrainConfig):
+    """(train texts, validation texts or None, a description of where they came from)."""
+    if config.text_file is not None:
+        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
+        val_texts = None
+        if config.val_text_file is not None:
+            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
+        source = config.text_file + (f" (validation: {config.val_text_file})" if config.val_text_file else
+                                     f" (validation: its last {config.val_fraction:.0%} of blocks)")
+        return train_texts, val_texts, source
+    train_texts = load_texts(config.dataset, config.dataset_config, config.split, text_column=config.text_column)
+    val_texts = load_texts(config.dataset, config.dataset_config, config.val_split, text_column=config.text_column)
+    name = config.dataset or "the offline default corpus"
+    return train_texts, val_texts, f"{name} [{config.split} / {config.val_split}]"
+
+
+def make_blocks(config: TrainConfig, tokenizer, train_texts, val_texts):
+    """Training and validation blocks [n, seq_len]. Without validation texts, the stream's tail validates."""
+    train_ids = tokenize_texts(train_texts, tokenizer)
+    if val_texts is None:
+        blocks = lm_blocks(train_ids, config.seq_len)
+        n_val = max(1, round(config.val_fraction * len(blocks)))
+        if len(blocks) - n_val < 1:
+            raise KAError(f"{len(blocks)} block(s) of {config.seq_len} tokens cannot be split into training and "
+                          "validation: give more text, a smaller --seq-len, or --val-text-file")
+        train_blocks, val_blocks = blocks[: len(blocks) - n_val][: config.samples], blocks[len(blocks) - n_val:]
+    else:
+        train_blocks = lm_blocks(train_ids, config.seq_len, config.samples)
+        val_blocks = lm_blocks(tokenize_texts(val_texts, tokenizer), config.seq_len)
+    if config.val_samples is not None:
+        val_blocks = val_blocks[: config.val_samples]
+    return train_blocks, val_blocks
+
+
+def prepare_tokenizer(config: TrainConfig, train_texts, saved_dir: Path):
+    """The run's tokenizer: the saved one on resume, a given one, the fine-tuned model's, or a new BPE."""
+    if (saved_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(saved_dir))
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif config.model is not None:
+        tokenizer = load_tokenizer(config.model)
+    else:
+        tokenizer = train_tokenizer(train_texts, vocab_size=config.vocab_size)
+    if tokenizer.eos_token is None:
+        raise KAError("the tokenizer has no eos token; pick a tokenizer with one (--tokenizer)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def from_scratch_config(config: TrainConfig, tokenizer):
+    """The model config of a from-scratch run; its vocabulary always matches the tokenizer."""
+    from transformers import AutoConfig
+
+    if config.model_config is not None:
+        path = Path(config.model_config)
+        if not path.is_file():
+            raise KAError(f"model config file not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise KAError(f"{path} is not valid JSON: {error}") from None
+        values["vocab_size"] = len(tokenizer)
+        if "model_type" in values:  # an HF config.json
+            model_config_ = AutoConfig.for_model(values.pop("model_type"), **values)
+        else:  # keyword arguments of ka_hf.models.model_config, with "arch"
+            model_config_ = model_config(values.pop("arch", config.arch), **values)
+    else:
+        model_config_ = model_config(
+            config.arch, len(tokenizer), num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+            intermediate_size=config.intermediate_size, max_positions=max(2048, config.seq_len),
+            rotary_pct=config.rotary_pct,
+        )
+    special = tokenizer.eos_token_id
+    model_config_.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else special
+    model_config_.eos_token_id = special
+    model_config_.pad_token_id = tokenizer.pad_token_id
+    return model_config_
+
+
+def build_model(config: TrainConfig, tokenizer):
+    """The model to train (seeded init from scratch, or the checkpoint to fine-tune), its attention set up."""
+    from transformers import AutoModelForCausalLM
+
+    if config.model is not None:
+        model = load_model(config.model, dtype=torch.float32)  # train in float32; mixed precision is separate
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise KAError(f"the tokenizer has {len(tokenizer)} tokens but {config.model} embeds only "
+                          f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
+    else:
+        model = AutoModelForCausalLM.from_config(from_scratch_config(config, tokenizer), attn_implementation="sdpa")
+    bad_layers = [i for i in config.ka_layers or () if not 0 <= i < model.config.num_hidden_layers]
+    if bad_layers:
+        raise KAError(f"ka_layers {bad_layers} do not exist: the model has {model.config.num_hidden_layers} layers")
+    set_attention(model, config, training_record(config, status="started"))
+    return model
+
+
+def training_record(config: TrainConfig, **extra) -> dict:
+    """What config.ka["training"] says about how the model was trained."""
+    keys = ("attention", "variant", "ka_layers", "model", "dataset", "dataset_config", "split", "text_file",
+            "samples", "seq_len", "epochs", "patience", "lr", "batch_size", "weight_decay", "lr_schedule",
+            "warmup_steps", "seed")
+    record = {key: getattr(config, key) for key in keys}
+    record["from_scratch"] = config.model is None
+    return record | extra
+
+
+def set_attention(model, config: TrainConfig, record: dict) -> None:
+    """KA: enable_ka records the layers and variant; standard: config.ka says so (and keeps the record)."""
+    if config.attention == "ka":
+        enable_ka(model, layers=config.ka_layers, variant=config.variant, training=record)
+    else:
+        previous = getattr(model.config, "ka", None) or {}
+        model.config.ka = dict(previous) | {"attention": "standard", "training": record}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss and perplexity
+
+
+def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
+    """Summed next-token NLL of each row of full blocks [B, T] (T - 1 scored tokens per row), float32 [B].
+
+    make_cache: None = one plain forward (the model's own attention: standard, or KA for a KA-trained model);
+    otherwise a function returning a fresh cache (e.g. `lambda: KACache(adapter=...)`) passed to the forward.
+    """
+    kwargs = {"use_cache": False} if make_cache is None else {"cache": make_cache()}
+    logits = model(input_ids=input_ids, **kwargs).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None, progress: bool = False) -> float:
+    """exp(mean token NLL) over full blocks [n, T] (each scores T - 1 tokens), on the model's device."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="ppl", disable=not progress, leave=False):
+        total += float(sequence_nll(model, blocks[start:start + batch_size].to(device), make_cache).sum())
+    return math.exp(total / (len(blocks) * (blocks.shape[1] - 1)))
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation per epoch from its own generator (seed + epoch): resumable without sampler state.
+
+    The method is deliberately not called `set_epoch`: accelerate's data loader calls `set_epoch(i)` with its
+    own count of iterations, which restarts at 0 in a resumed process.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunState:
+    """Everything besides tensors that a resumed run needs (saved as last/trainer_state.json)."""
+
+    records: list = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_ppl: float = math.inf
+    bad_epochs: int = 0
+    finished: bool = False
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.records)
+
+
+def load_train_config(out_dir) -> TrainConfig:
+    """The TrainConfig a run in `out_dir` was started with (for resuming it)."""
+    path = Path(out_dir) / "train_config.json"
+    if not path.is_file():
+        raise KAError(f"{out_dir} holds no training run (no train_config.json): check the --resume directory")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+def _prepare_out_dir(config: TrainConfig, resume: bool, overwrite: bool, accelerator) -> Path:
+    """Check `out` (every process, before anything is written), then let the main process set it up."""
+    out = Path(config.out)
+    if resume and not (out / "last" / TRAINER_STATE).is_file():
+        raise KAError(f"{out} has no checkpoint to resume from (expected {out / 'last' / TRAINER_STATE}); "
+                      "start the run without --resume")
+    holds_run = (out / "train_config.json").exists() or (out / "last").exists()
+    if not resume and holds_run and not overwrite:
+        raise KAError(f"{out} already holds a training run: continue it with --resume {out}, "
+                      "or pass --overwrite, or choose another --out")
+    accelerator.wait_for_everyone()
+    if not resume and accelerator.is_main_process:
+        for name in ("last", "best", "tokenizer"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json(out / "train_config.json", config.to_dict())
+    accelerator.wait_for_everyone()
+    return out
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on_epoch_end=None) -> TrainResult:
+    """Train per `config`; with resume=True continue the run in config.out from its last finished epoch.
+
+    on_epoch_end(record) is called after each epoch's checkpoint is written (e.g. for logging). Returns the
+    TrainResult; the files are described in this module's docstring.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    check_config(config)
+    accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    out = _prepare_out_dir(config, resume, overwrite, accelerator)
+    log = accelerator.print
+
+    train_texts, val_texts, source = load_data_texts(config)
+    with accelerator.main_process_first():  # the main process trains and saves it; the others load it
+        tokenizer = prepare_tokenizer(config, train_texts, out / "tokenizer")
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(out / "tokenizer")
+    train_blocks, val_blocks = make_blocks(config, tokenizer, train_texts, val_texts)
+    log(f"data: {source}: {len(train_blocks)} training and {len(val_blocks)} validation blocks of "
+        f"{config.seq_len} tokens; vocabulary {len(tokenizer)}")
+
+    set_seed(config.seed)
+    model = build_model(config, tokenizer)
+    log(f"model: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{config.attention} attention" + (f" ({config.variant})" if config.attention == "ka" else ""))
+    sampler = EpochShuffle(len(train_blocks), config.seed)
+    train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=config.batch_size, sampler=sampler)
+    val_loader = torch.utils.data.DataLoader(val_blocks, batch_size=config.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.epochs * len(train_loader))
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+
+    state = RunState()
+    if resume:
+        accelerator.load_state(str(out / "last"))
+        state = RunState(**json.loads((out / "last" / TRAINER_STATE).read_text()))
+        log(f"resuming {out} after epoch {state.epochs_done}")
+
+    for epoch in range(state.epochs_done + 1, config.epochs + 1):
+        if state.finished:
+            break
+        set_seed(config.seed + epoch)  # dropout etc.: an epoch depends only on the state at its start
+        sampler.use_epoch(epoch)
+        started = time.perf_counter()
+        train_nll = _train_epoch(model, train_loader, optimizer, scheduler, accelerator, config, epoch)
+        seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        val_nll = _validate(model, val_loader, accelerator, config, epoch)
+        record = dict(epoch=epoch, train_ppl=math.exp(train_nll), val_ppl=math.exp(val_nll), seconds=seconds,
+                      val_seconds=time.perf_counter() - started, best=False)
+        _update_state(state, record, config)
+        if record["best"]:
+            _save_best(accelerator, model, tokenizer, config, state, out / "best")
+        accelerator.save_state(str(out / "last"))
+        if accelerator.is_main_process:
+            report.write_json(out / "last" / TRAINER_STATE, dataclasses.asdict(state))
+        log(f"epoch {epoch}: train PPL {record['train_ppl']:.2f}, val PPL {record['val_ppl']:.2f}, "
+            f"{seconds:.1f} s{'  * best so far' if record['best'] else ''}")
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    result = _result(out, state)
+    result.is_main_process = accelerator.is_main_process
+    if accelerator.is_main_process:
+        result.files = write_reports(out, config, state, source, len(train_blocks), len(val_blocks))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _train_epoch(model, loader, optimizer, scheduler, accelerator, config, epoch) -> float:
+    """One pass over the training blocks; returns the mean token NLL of the epoch (all processes)."""
+    model.train()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False,
+               disable=not (config.progress and accelerator.is_local_main_process))
+    for input_ids in bar:
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        accelerator.backward(loss)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        tokens = input_ids.numel() - input_ids.shape[0]
+        total += loss.detach().float() * tokens
+        count += tokens
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count)
+
+
+@torch.no_grad()
+def _validate(model, loader, accelerator, config, epoch) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch} val", leave=False,
+               disable=not (config.progress and accelerator.is_local_main_process))
+    for input_ids in bar:
+        with accelerator.autocast():
+            nll = sequence_nll(model, input_ids)
+        nll = accelerator.gather_for_metrics(nll)
+        total += float(nll.sum())
+        count += len(nll) * (input_ids.shape[1] - 1)
+    return total / count
+
+
+def _update_state(state: RunState, record: dict, config: TrainConfig) -> None:
+    """Best-so-far and early stopping (stop after `patience` epochs without a lower val PPL)."""
+    if record["val_ppl"] < state.best_val_ppl:
+        state.best_epoch, state.best_val_ppl, state.bad_epochs = record["epoch"], record["val_ppl"], 0
+        record["best"] = True
+    else:
+        state.bad_epochs += 1
+    state.records.append(record)
+    if state.bad_epochs >= config.patience or record["epoch"] == config.epochs:
+        state.finished = True
+        record["early_stop"] = state.bad_epochs >= config.patience
+
+
+def _save_best(accelerator, model, tokenizer, config, state: RunState, best_dir: Path) -> None:
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    status = dict(status="best epoch", best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,
+                  epochs_seen=state.epochs_done)
+    set_attention(unwrapped, config, training_record(config, **status))
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(best_dir, safe_serialization=True)
+        tokenizer.save_pretrained(best_dir)
+
+
+def _result(out: Path, state: RunState) -> TrainResult:
+    return TrainResult(
+        out_dir=out, best_dir=out / "best", records=state.records, best_epoch=state.best_epoch,
+        best_val_ppl=state.best_val_ppl, stopped_early=bool(state.records and state.records[-1].get("early_stop")),
+        train_seconds=sum(record["seconds"] for record in state.records),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+
+
+TABLE_COLUMNS = [("epoch", "Epoch"), ("train_ppl", "Train PPL"), ("val_ppl", "Val PPL"), ("seconds", "Epoch s"),
+                 ("note", "Note")]
+
+
+def epoch_notes(records: list[dict], best_epoch: int) -> list[dict]:
+    """The original report's Note column: * = new best, '* best' = the best epoch, 'early stop' = the last."""
+    rows = []
+    for record in records:
+        notes = []
+        if record["best"]:
+            notes.append("* best" if record["epoch"] == best_epoch else "*")
+        if record.get("early_stop"):
+            notes.append("early stop")
+        rows.append(record | {"note": ", ".join(notes)})
+    return rows
+
+
+def write_reports(out: Path, config: TrainConfig, state: RunState, source: str, n_train: int, n_val: int) -> dict:
+    """epochs.md (the original report's table), results.json and curves.png."""
+    rows = epoch_notes(state.records, state.best_epoch)
+    title = f"{config.attention} attention" + (f" ({config.variant})" if config.attention == "ka" else "")
+    table = report.markdown_table(rows, TABLE_COLUMNS, digits=1)
+    summary = f"**Best: epoch {state.best_epoch}, val PPL = {state.best_val_ppl:.1f}**"
+    (out / "epochs.md").write_text(f"## Training results ({title})\n\n{table}\n\n{summary}\n")
+    report.write_json(out / "results.json", dict(
+        config=config.to_dict(), data=dict(source=source, train_blocks=n_train, val_blocks=n_val,
+                                           seq_len=config.seq_len),
+        epochs=rows, best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,
+        train_seconds=sum(record["seconds"] for record in state.records), environment=report.environment(),
+    ))
+
+    def draw(ax):
+        epochs = [record["epoch"] for record in rows]
+        ax.plot(epochs, [record["train_ppl"] for record in rows], marker="o", label="train PPL")
+        ax.plot(epochs, [record["val_ppl"] for record in rows], marker="o", label="val PPL")
+        ax.scatter([state.best_epoch], [state.best_val_ppl], s=120, facecolors="none", edgecolors="k", label="best")
+        ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=f"Training: {title}")
+        ax.legend()
+
+    report.save_plot(out / "curves.png", draw)
+    return dict(table=out / "epochs.md", results=out / "results.json", plot=out / "curves.png")

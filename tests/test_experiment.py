@@ -1,0 +1,72 @@
+"""The whole study, smaller than the quick preset, end to end: every report file written, every table filled."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ka_hf.errors import KAError
+from ka_hf.experiment import PRESETS, ExperimentConfig, run_experiment
+
+from conftest import REPO_ROOT
+
+TINY = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=320, seq_len=32, samples=48,
+            val_samples=8, epochs=2, batch_size=8, facts=4, eval_max_length=32, eval_stride=16, eval_max_windows=4,
+            adapter_fit_blocks=4, distill_steps=2, distill_batch=2, reversal_split="test", progress=False)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_experiment(ExperimentConfig.from_preset("quick", str(out), **TINY))
+
+
+def test_every_report_file_is_written(study):
+    out, record = study
+    for name in ("report.md", "results.json", "training_curves.png", "nll_gap_by_position.png", "layer_sweep.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for model in ("train-standard", "train-ka"):
+        assert (out / model / "best" / "model.safetensors").is_file()
+    for adapter in ("least-squares", "distilled"):
+        assert (out / "adapters" / adapter / "adapter_config.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["findings"]["kv_ppl"] == pytest.approx(record["findings"]["kv_ppl"])
+
+
+def test_report_tables_are_filled_from_this_run(study):
+    out, record = study
+    text = (out / "report.md").read_text()
+    for heading in ("## Configuration", "## Training results (standard attention)",
+                    "## Training results (exact KA attention)", "## Inference evaluation (standard-trained model)",
+                    "### Training vs inference", "### Where does the degradation come from?",
+                    "## Adapter (plan 1)", "## Reversal curse"):
+        assert heading in text, heading
+    assert "nan" not in text.lower().replace("nancy", "")
+    standard = {r["mode"]: r for r in record["inference"]["standard"]}
+    assert set(standard) == {"kv", "ka", "ka-hybrid", "ka+adapter(least-squares)", "ka+adapter(distilled)"}
+    assert f"{standard['ka']['ppl']:.1f}" in text and f"{standard['kv']['ppl']:.1f}" in text
+    degradation = (standard["ka"]["ppl"] / standard["kv"]["ppl"] - 1) * 100
+    assert record["findings"]["ka_cache_degradation_pct"] == pytest.approx(degradation)
+    assert len(record["layer_sweep"]) == 2 and record["layer_sweep"][-1]["ppl"] == pytest.approx(standard["ka"]["ppl"])
+    assert all(len(record["training"][a]["epochs"]) >= 1 for a in ("standard", "ka"))
+    assert set(record["reversal"]["standard"]) >= {"kv", "ka"}
+
+
+def test_models_record_the_facts_they_saw(study):
+    out, _ = study
+    config = json.loads((out / "train-ka" / "best" / "config.json").read_text())
+    assert config["ka"]["attention"] == "ka" and config["ka"]["training"]["facts"]["n"] == TINY["facts"]
+
+
+def test_presets_and_errors():
+    assert PRESETS["seed"]["samples"] == 5000 and PRESETS["seed"]["lr"] == 1e-4 and PRESETS["seed"]["batch_size"] == 8
+    with pytest.raises(KAError, match="preset"):
+        ExperimentConfig.from_preset("huge", "x")
+
+
+def test_command_line_reports_a_bad_file_clearly(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ka_hf.experiment", "--out", str(tmp_path / "o"),
+                             "--text-file", str(tmp_path / "missing.txt")], capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
