@@ -7,7 +7,7 @@ outputs, exactly (KA-SPEC §2) and in parallel (§3).
 
 from .cache import KACache, KALayer, cache_nbytes
 from .errors import KAError
-from .integration import SUPPORTED_ARCHITECTURES, disable_ka, enable_ka, exact_ka, install, ka_spec
+from .integration import SUPPORTED_ARCHITECTURES, disable_ka, enable_ka, exact_ka, install, ka_spec, without_ka
 
 install()
 
@@ -23,4 +23,5 @@ __all__ = [
     "enable_ka",
     "exact_ka",
     "ka_spec",
+    "without_ka",
 ]

@@ -46,7 +46,7 @@ PRESETS = {
     "quick": dict(
         arch="gpt-neox", num_layers=3, hidden_size=128, num_heads=4, intermediate_size=512, rotary_pct=0.25,
         vocab_size=2048, seq_len=64, samples=1600, val_samples=96, epochs=4, patience=1, lr=2e-3, batch_size=16,
-        facts=60, facts_include="forward", eval_max_length=64, eval_stride=64, eval_max_windows=48,
+        facts=60, facts_include="forward", eval_max_length=64, eval_stride=32, eval_max_windows=64,
         adapter_fit_blocks=32, distill_steps=30, distill_batch=4, reversal_split="both",
     ),
     # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
@@ -54,7 +54,7 @@ PRESETS = {
     "seed": dict(
         arch="gpt-neox", **{k: v for k, v in PYTHIA_70M_SHAPE.items()}, vocab_size=8192, seq_len=128,
         samples=5000, val_samples=None, epochs=10, patience=1, lr=1e-4, batch_size=8,
-        facts=500, facts_include="forward", eval_max_length=128, eval_stride=128, eval_max_windows=None,
+        facts=500, facts_include="forward", eval_max_length=128, eval_stride=64, eval_max_windows=None,
         adapter_fit_blocks=256, distill_steps=300, distill_batch=8, reversal_split="both",
     ),
 }

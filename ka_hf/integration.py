@@ -129,18 +129,28 @@ def disable_ka(model):
 
 
 @contextlib.contextmanager
+def _config_ka_within(model, set_section):
+    previous = getattr(model.config, CONFIG_KEY, None)
+    set_section(model)
+    try:
+        yield model
+    finally:
+        setattr(model.config, CONFIG_KEY, previous)
+
+
 def exact_ka(model, layers=None, variant: str = "ka"):
     """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
 
         with ka_hf.exact_ka(model):
             loss = model(input_ids, labels=input_ids).loss
     """
-    previous = getattr(model.config, CONFIG_KEY, None)
-    enable_ka(model, layers=layers, variant=variant)
-    try:
-        yield model
-    finally:
-        setattr(model.config, CONFIG_KEY, previous)
+    return _config_ka_within(model, lambda m: enable_ka(m, layers=layers, variant=variant))
+
+
+def without_ka(model):
+    """Within the block, cache-less forwards of `model` use standard attention, even if its config asks for KA
+    (e.g. reading a KA-trained model with a KV cache). A KACache passed explicitly still runs KA."""
+    return _config_ka_within(model, disable_ka)
 
 
 # ---------------------------------------------------------------------------------------------------------

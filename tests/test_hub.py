@@ -1,6 +1,5 @@
 """Tests for ka_hf.hub and examples/push_to_hub.py: tiny models, real training/eval/reversal results, no network."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,16 +18,10 @@ from ka_hf.evaluation import PplRun, run_ppl_eval
 from ka_hf.models import load_tokenizer, model_config
 from ka_hf.training import TrainConfig, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, load_script
+
 TINY_RUN = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=300, seq_len=16,
                 lr=3e-3, batch_size=8, samples=16, val_samples=4, epochs=1, progress=False)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 push_script = load_script("push_to_hub")

@@ -5,7 +5,6 @@ sentence with -100 outside the span (under `ka_hf.exact_ka(model)` for ka). Exac
 trained here to memorize three facts, with standard attention (kv) and with exact KA (ka).
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -31,20 +30,11 @@ from ka_hf.evaluation.reversal import (
 from ka_hf.facts import answer_span_labels, fact_sentences, make_facts, training_texts
 from ka_hf.models import model_config
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 SCRIPT = REPO_ROOT / "examples" / "reversal_curse.py"
 FACTS = make_facts(4, seed=1)
 RTOL = 1e-6  # the issue's bound for "the same PPL" (ppl.token_nll takes the NLL in float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a shared 2-core machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +198,8 @@ def test_bad_arguments(model, tokenizer):
 # the script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reversal_curse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def reversal_script():
+    return load_script("reversal_curse")
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +234,7 @@ def test_script_end_to_end(model_dir, tmp_path):
 
 
 def test_script_flags_override_the_record(model_dir, tmp_path, capsys):
-    script = load_script()
+    script = reversal_script()
     script.main(["--model", str(model_dir), "--modes", "kv", "--facts", "2", "--facts-seed", "3", "--trained-on",
                  "both", "--split", "test", "--no-exact-match", "--out", str(tmp_path), "--no-progress"])
     record = json.loads((tmp_path / "results.json").read_text())
@@ -265,7 +252,7 @@ def test_script_flags_override_the_record(model_dir, tmp_path, capsys):
 def test_script_user_errors_exit_2(model_dir, tmp_path, capsys, flags, message):
     flags = [str(model_dir) if flag == "MODEL_DIR" else flag for flag in flags]
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(flags + ["--out", str(tmp_path)])
+        reversal_script().main(flags + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after any loading progress bar
     assert error.startswith("error: ") and message in error
@@ -276,5 +263,5 @@ def test_script_needs_the_facts_when_the_model_does_not_record_them(tokenizer, t
     tokenizer.save_pretrained(tmp_path / "m")
     assert recorded_facts(AutoModelForCausalLM.from_pretrained(tmp_path / "m").config) == {}
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+        reversal_script().main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "--facts N" in capsys.readouterr().err

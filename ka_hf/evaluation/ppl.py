@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..cache import cache_nbytes
 from ..data import count_scored_tokens
 from ..errors import KAError
-from ..integration import CONFIG_KEY, disable_ka
+from ..integration import without_ka
 from ..measure import Timer, peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from .modes import Mode
 
@@ -123,17 +123,6 @@ def token_nll(logits, labels):
     return nll, targets != -100
 
 
-@contextlib.contextmanager
-def standard_attention(model):
-    """kv is standard attention even for a model whose config asks for KA (a KA-trained model)."""
-    previous = getattr(model.config, CONFIG_KEY, None)
-    disable_ka(model)
-    try:
-        yield model
-    finally:
-        setattr(model.config, CONFIG_KEY, previous)
-
-
 # -----------------------------------------------------------------------------
 # one mode over all windows
 
@@ -171,8 +160,9 @@ def _gather_totals(totals: _Totals, accelerator, device):
     return summed[:n], summed[n : 2 * n], scalars
 
 
-def _mode_context(model, mode: Mode):
-    return standard_attention(model) if mode.kind == "kv" else contextlib.nullcontext()
+def mode_context(model, mode: Mode):
+    """kv is standard attention even for a model whose config asks for KA (a KA-trained model)."""
+    return without_ka(model) if mode.kind == "kv" else contextlib.nullcontext()
 
 
 def score_mode(model, windows, mode: Mode, method: str = "parallel", batch_size: int = 1, accelerator=None,
@@ -188,7 +178,7 @@ def score_mode(model, windows, mode: Mode, method: str = "parallel", batch_size:
     max_length = max(len(window["input_ids"]) for window in windows)
     totals = _Totals(max_length)
     my_batches = make_batches(windows, batch_size)[rank::world]
-    with _mode_context(model, mode), autocast:
+    with mode_context(model, mode), autocast:
         first = windows[0]
         ids, mask, _ = collate([first], pad_id)
         _, cache, _, _ = batch_logits(model, ids.to(device), mask, mode, method, prompt_length(first), adapter, device)

@@ -42,7 +42,7 @@ from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
 from .modes import Mode
-from .ppl import _mode_context, batch_logits, collate, make_batches, prompt_length, token_nll
+from .ppl import mode_context, batch_logits, collate, make_batches, prompt_length, token_nll
 
 SPLITS = ("test", "train")
 DIRECTIONS = ("forward", "backward")
@@ -181,7 +181,7 @@ def score_reversal_mode(model, tokenizer, windows_by_part: dict, mode: Mode, ada
     sums = {part: dict(whole_nll=0.0, whole_tokens=0, answer_nll=0.0, answer_tokens=0) for part in windows_by_part}
     matches = dict.fromkeys(windows_by_part, 0)
     seconds = dict(scoring=0.0, generation=0.0)
-    with _mode_context(model, mode):  # kv: standard attention even for a KA-configured model
+    with mode_context(model, mode):  # kv: standard attention even for a KA-configured model
         for part, batch in tqdm(jobs, desc=f"reversal {mode.name}", disable=not progress, leave=False, unit="batch"):
             with Timer(device) as timer:
                 for key, value in batch_nll_sums(model, batch, mode, adapter, pad_id, device).items():
