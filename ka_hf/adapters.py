@@ -28,12 +28,10 @@ Files: `save_adapter(adapter, dir)` writes adapter.safetensors + adapter_config.
 was fitted); `load_adapter(dir)` reads them back. Use: `KACache(adapter=load_adapter(dir))`.
 """
 
-import contextvars
 import functools
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,8 +41,7 @@ from tqdm.auto import tqdm
 
 from .cache import KACache
 from .errors import KAError
-from .integration import allowed_from_mask, ka_spec
-from .ops import attention_weights, expand_kv_heads
+from .integration import Captured, capture_attention, ka_spec
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -155,63 +152,6 @@ def load_adapter(directory, device=None, dtype=None) -> KAAdapter:
     adapter.fit_record = config.get("fit", {})
     adapter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
     return adapter.to(device=device, dtype=dtype).eval()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Capturing the standard model's attention: weights, outputs A and values V of every layer
-
-CAPTURE_IMPLEMENTATION = "ka_hf_capture"  # set per call by `capturing`; never load a model with it
-_CAPTURED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ka_hf_capture", default=None)
-
-
-@dataclass
-class Captured:
-    """One layer's standard attention: weights [B, H_q, T, T], outputs A [B, H_q, T, d], values V [B, H_kv, T, d]."""
-
-    weights: torch.Tensor
-    outputs: torch.Tensor
-    values: torch.Tensor
-
-
-def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                               sliding_window=None, **kwargs):
-    """Standard attention (the KA ops' weights, so masks match KA exactly) that records what it computed."""
-    records = _CAPTURED.get()
-    if records is None:
-        raise KAError(f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
-                      "ka_hf.adapters.capture_attention; do not load a model with it")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    allowed = allowed_from_mask(attention_mask, query.shape[-2], key.shape[-2], sliding_window)
-    weights = attention_weights(query.float(), key.float(), allowed, scale, softcap)
-    outputs = weights @ expand_kv_heads(value.float(), query.shape[1])
-    records[module.layer_idx] = Captured(weights.detach(), outputs.detach(), value.detach().float())
-    return outputs.to(value.dtype).transpose(1, 2), None
-
-
-@functools.cache
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention_forward)
-    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)  # boolean masks, padding included
-
-
-@torch.no_grad()
-def capture_attention(model, input_ids, attention_mask=None) -> dict[int, Captured]:
-    """{layer: Captured} of one standard-attention forward of `model` (KA-SPEC §2: A is each query head's output
-    before the output projection, V the values the layer computed, per kv head)."""
-    _register_capture()
-    config = model.config
-    previous = config._attn_implementation
-    token = _CAPTURED.set({})
-    try:
-        config._attn_implementation = CAPTURE_IMPLEMENTATION
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return dict(sorted(_CAPTURED.get().items()))
-    finally:
-        config._attn_implementation = previous
-        _CAPTURED.reset(token)
 
 
 def _batches(batches):

@@ -25,7 +25,7 @@ import datetime
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,80 +35,77 @@ from .adapters import distill_adapter, fit_adapter_least_squares, gap_recovered,
 from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
 from .errors import KAError
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
-from .evaluation.reversal import reversal_metrics, table_rows as reversal_rows
+from .evaluation.reversal import reversal_metrics
+from .evaluation.run import position_gaps
 from .facts import make_facts, training_texts
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .training import TrainConfig, epoch_notes, train
 
-PRESETS = {
-    # A 2-core CPU, no network, under 10 minutes in all: a small GPT-NeoX (the original's family and partial
-    # rotary) on short blocks, a higher learning rate than the protocol so that a few epochs learn something.
-    "quick": dict(
-        arch="gpt-neox", num_layers=3, hidden_size=128, num_heads=4, intermediate_size=512, rotary_pct=0.25,
-        vocab_size=2048, seq_len=64, samples=1600, val_samples=96, epochs=4, patience=1, lr=2e-3, batch_size=16,
-        facts=60, facts_include="forward", eval_max_length=64, eval_stride=32, eval_max_windows=64,
-        adapter_fit_blocks=32, distill_steps=30, distill_batch=4, reversal_split="both",
-    ),
-    # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
-    # patience 1. Meant for a GPU.
-    "seed": dict(
-        arch="gpt-neox", **{k: v for k, v in PYTHIA_70M_SHAPE.items()}, vocab_size=8192, seq_len=128,
-        samples=5000, val_samples=None, epochs=10, patience=1, lr=1e-4, batch_size=8,
-        facts=500, facts_include="forward", eval_max_length=128, eval_stride=64, eval_max_windows=None,
-        adapter_fit_blocks=256, distill_steps=300, distill_batch=8, reversal_split="both",
-    ),
-}
-
-
 @dataclass
 class ExperimentConfig:
+    """One study run. The defaults are the `quick` preset: a 2-core CPU, no network, well under 10 minutes — a
+    small GPT-NeoX (the original's family, partial rotary) on short blocks, with a higher learning rate than the
+    protocol so that a few epochs learn something."""
+
     out: str
     preset: str = "quick"
-    # model and protocol (filled from the preset)
+    # model and protocol
     arch: str = "gpt-neox"
-    num_layers: int = 3
+    num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 4
     intermediate_size: int = 512
     rotary_pct: float = 0.25
     vocab_size: int = 2048
     seq_len: int = 64
-    samples: int = 1600
-    val_samples: int | None = 96
-    epochs: int = 4
+    samples: int = 3200
+    val_samples: int | None = 128
+    epochs: int = 5
     patience: int = 1
     lr: float = 2e-3
     batch_size: int = 16
     seed: int = 0
-    # data
+    # data (neither text_file nor dataset: the offline default corpus)
     text_file: str | None = None
     val_text_file: str | None = None
     dataset: str | None = None
     dataset_config: str | None = None
     text_column: str = "text"
     # reversal-curse facts mixed into the training text
-    facts: int = 60
+    facts: int = 100
     facts_seed: int = 0
     facts_include: str = "forward"
-    # evaluation
+    # evaluation: overlapping windows, so that ka-hybrid has a real prompt (the window's context half)
     eval_max_length: int = 64
-    eval_stride: int = 64
-    eval_max_windows: int | None = 48
+    eval_stride: int = 32
+    eval_max_windows: int | None = 128
     reversal_split: str = "both"
     # adapters (plan 1)
     adapter_fit_blocks: int = 32
-    distill_steps: int = 30
+    distill_steps: int = 60
     distill_batch: int = 4
     progress: bool = True
     cpu: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_preset(cls, preset: str, out: str, **overrides) -> "ExperimentConfig":
+        """The preset's values, then `overrides` (None values ignored)."""
         if preset not in PRESETS:
             raise KAError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(out=out, preset=preset, **values)
+
+
+PRESETS = {
+    "quick": {},  # the ExperimentConfig defaults
+    # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
+    # patience 1. Meant for a GPU.
+    "seed": dict(
+        **PYTHIA_70M_SHAPE, vocab_size=8192, seq_len=128, samples=5000, val_samples=None, epochs=10, patience=1,
+        lr=1e-4, batch_size=8, facts=500, eval_max_length=128, eval_stride=64, eval_max_windows=None,
+        adapter_fit_blocks=256, distill_steps=300, distill_batch=8,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,7 +352,7 @@ def findings(record: dict) -> dict:
     sweep = [r["ppl"] for r in record["layer_sweep"]]
     result["sweep_ppl"] = sweep
     result["sweep_monotone"] = all(b >= a for a, b in zip(sweep, sweep[1:]))
-    result["position_gap"] = _position_gap(standard["ka"], standard["kv"])
+    result["position_gap"] = position_gaps(standard["ka"], standard["kv"])  # {"positions a-b": nats}
     result["reversal"] = {model: {mode: dict(ratio=r["splits"][s]["ratio"], answer_ratio=r["splits"][s]["answer_ratio"])
                                   for mode, r in modes.items() for s in [_reversal_split(r)]}
                           for model, modes in record["reversal"].items()}
@@ -364,14 +361,6 @@ def findings(record: dict) -> dict:
 
 def _reversal_split(mode_record) -> str:
     return "test" if "test" in mode_record["splits"] else next(iter(mode_record["splits"]))
-
-
-def _position_gap(ka_record, kv_record, parts: int = 4) -> list[float]:
-    """Mean NLL gap (KA - KV) over each quarter of the window positions: does the error grow along the sequence?"""
-    gaps = [a - b for a, b in zip(ka_record["nll_by_position"], kv_record["nll_by_position"])
-            if a is not None and b is not None]
-    size = max(1, len(gaps) // parts)
-    return [sum(chunk) / len(chunk) for chunk in (gaps[i : i + size] for i in range(0, len(gaps), size)) if chunk][:parts]
 
 
 # ---------------------------------------------------------------------------------------------------------

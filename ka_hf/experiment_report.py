@@ -108,14 +108,14 @@ def _hypotheses(record) -> str:
         + ("removes part of the mismatch." if mismatch else "does not do better than KA at inference only here.")
         + f" Read with standard attention, the KA-trained model scores {f['ka_trained_under_kv_ppl']:.1f}."
         f" KA training took {f['train_time_ratio']:.2f}x the standard training time (the original token loop: 4.7x).")
-    sweep = f["sweep_ppl"]
+    sweep, gaps = f["sweep_ppl"], list(f["position_gap"].values())
     trend = "rises with every added KA layer" if f["sweep_monotone"] else "does not rise monotonically with depth"
     lines.append(
         f"3. **Error accumulates over layers.** With KA on layers 0..k, PPL goes from {sweep[0]:.1f} (k=0) to "
-        f"{sweep[-1]:.1f} (all {len(sweep)} layers): it {trend}. Along the sequence, the mean NLL gap KA − KV per "
-        f"quarter of the window positions is {', '.join(f'{g:.3f}' for g in f['position_gap'])} nats"
-        + (" — it grows along the sequence." if f["position_gap"][-1] > f["position_gap"][0] else
-           " — it does not grow along the sequence."))
+        f"{sweep[-1]:.1f} (all {len(sweep)} layers): it {trend}. Along the sequence, the mean NLL gap KA − KV over "
+        "equal ranges of the window positions that most windows score is "
+        + ", ".join(f"{gap:.3f} ({positions})" for positions, gap in f["position_gap"].items()) + " nats"
+        + (" — it grows along the sequence." if gaps[-1] > gaps[0] else " — it does not grow along the sequence."))
     return "\n".join(lines)
 
 
@@ -158,6 +158,7 @@ def _plots(record, out: Path) -> dict:
             ax.plot(xs, [e["train_ppl"] for e in epochs], style, marker="o", label=f"{attention}: train")
             ax.plot(xs, [e["val_ppl"] for e in epochs], style, marker="s", label=f"{attention}: val")
         ax.set(xlabel="epoch", ylabel="PPL", yscale="log", title="Training curves")
+        ax.set_xticks(xs)
         ax.legend()
 
     standard_record = dict(results=record["inference"]["standard"],
@@ -198,7 +199,9 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         + "\n\nCache bytes after one window; peak memory is "
         + ("CUDA max allocated." if "CPU" not in record["environment"]["device"] else "the process peak RSS."),
         "## Analysis\n\n### PPL degradation\n\n" + _degradation_block(f),
-        "### Training vs inference\n\n" + _comparison_table(record),
+        "### Training vs inference\n\n" + _comparison_table(record)
+        + "\n\nAll PPLs here are on the evaluation windows (the same for every row), so they differ from the "
+        "training tables' val PPL on non-overlapping blocks.",
         "### Where does the degradation come from?\n\n" + _hypotheses(record)
         + "\n\n![NLL gap by position](nll_gap_by_position.png)\n\n![layer sweep](layer_sweep.png)\n\n"
         + report.markdown_table([r | {"k": max(r["layers"])} for r in record["layer_sweep"]],

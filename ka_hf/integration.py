@@ -21,12 +21,15 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.generation.utils import GenerationMixin
 
 from .cache import KACache
 from .errors import KAError
 from .ops import (
     DEFAULT_BLOCK_SIZE,
+    attention_weights,
+    expand_kv_heads,
     causal_allowed,
     ka_attention,
     ka_attention_naive,
@@ -130,12 +133,16 @@ def disable_ka(model):
 
 @contextlib.contextmanager
 def _config_ka_within(model, set_section):
+    had_section = hasattr(model.config, CONFIG_KEY)
     previous = getattr(model.config, CONFIG_KEY, None)
     set_section(model)
     try:
         yield model
     finally:
-        setattr(model.config, CONFIG_KEY, previous)
+        if had_section:
+            setattr(model.config, CONFIG_KEY, previous)
+        else:  # leave no `"ka": null` behind for save_pretrained
+            delattr(model.config, CONFIG_KEY)
 
 
 def exact_ka(model, layers=None, variant: str = "ka"):
@@ -235,6 +242,53 @@ def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scal
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Capturing the standard model's attention: weights, outputs A and values V of every layer
+
+CAPTURE_IMPLEMENTATION = "ka_hf_capture"  # set per call by `capture_attention`; never load a model with it
+_CAPTURED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ka_hf_capture", default=None)
+
+
+@dataclass
+class Captured:
+    """One layer's standard attention: weights [B, H_q, T, T], outputs A [B, H_q, T, d], values V [B, H_kv, T, d]."""
+
+    weights: torch.Tensor
+    outputs: torch.Tensor
+    values: torch.Tensor
+
+
+def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                               sliding_window=None, **kwargs):
+    """Standard attention (the KA ops' weights, so masks match KA exactly) that records what it computed."""
+    records = _CAPTURED.get()
+    if records is None:
+        raise KAError(f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
+                      "ka_hf.integration.capture_attention; do not load a model with it")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    allowed = allowed_from_mask(attention_mask, query.shape[-2], key.shape[-2], sliding_window)
+    weights = attention_weights(query.float(), key.float(), allowed, scale, softcap)
+    outputs = weights @ expand_kv_heads(value.float(), query.shape[1])
+    records[module.layer_idx] = Captured(weights.detach(), outputs.detach(), value.detach().float())
+    return outputs.to(value.dtype).transpose(1, 2), None
+
+
+@torch.no_grad()
+def capture_attention(model, input_ids, attention_mask=None) -> dict[int, Captured]:
+    """{layer: Captured} of one standard-attention forward of `model` (KA-SPEC §2: A is each query head's output
+    before the output projection, V the values the layer computed, per kv head)."""
+    config = model.config
+    previous = config._attn_implementation
+    token = _CAPTURED.set({})
+    try:
+        config._attn_implementation = CAPTURE_IMPLEMENTATION
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return dict(sorted(_CAPTURED.get().items()))
+    finally:
+        config._attn_implementation = previous
+        _CAPTURED.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The hook: wrap the supported attention classes' forward.
 
 
@@ -322,6 +376,8 @@ def _load_class(path: str):
 def install() -> None:
     """Route the supported attention classes (idempotent; runs at `import ka_hf`)."""
     AttentionInterface.register(KA_IMPLEMENTATION, ka_attention_forward)
+    AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention_forward)
+    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)  # boolean masks, padding included
     for path in SUPPORTED_ARCHITECTURES.values():
         attention_class = _load_class(path)
         if attention_class is not None and not getattr(attention_class.forward, "_ka_hf_routed", False):

@@ -8,7 +8,7 @@ local directory or the Hub with a clear error when it is neither.
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import KAError
 

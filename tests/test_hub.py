@@ -18,7 +18,7 @@ from ka_hf.evaluation import PplRun, run_ppl_eval
 from ka_hf.models import load_tokenizer, model_config
 from ka_hf.training import TrainConfig, train
 
-from conftest import REPO_ROOT, load_script
+from conftest import load_script
 
 TINY_RUN = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=300, seq_len=16,
                 lr=3e-3, batch_size=8, samples=16, val_samples=4, epochs=1, progress=False)
