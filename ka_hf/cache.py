@@ -134,6 +134,7 @@ class KACache(Cache):
         self.variant = variant
         self.block_size = block_size
         self.signature: ModelSignature | None = None
+        self._bound_config = None
 
     def __repr__(self):
         layers = "all" if self.ka_layers is None else sorted(self.ka_layers)
@@ -144,12 +145,15 @@ class KACache(Cache):
 
     def bind(self, config) -> None:
         """Tie the cache to the first model that uses it; refuse any other model afterwards."""
+        if config is self._bound_config:  # every layer of every step asks: answer the common case at once
+            return
         signature = ModelSignature.of(config)
         if self.signature is None:
             bad = sorted(i for i in (self.ka_layers or ()) if not 0 <= i < signature.num_layers)
             if bad:
                 raise KAError(f"KACache(layers=...) names layers {bad}, but the model has {signature.num_layers} layers")
             self.signature = signature
+            self._bound_config = config
         elif signature != self.signature:
             raise KAError(
                 f"This KACache holds the states of another model ({self.signature}); it cannot be reused with "
