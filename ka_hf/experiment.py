@@ -323,7 +323,28 @@ def run_experiment(config: ExperimentConfig) -> dict:
     from .experiment_report import write_experiment_report
 
     record["files"] = write_experiment_report(record, out)
+    for attention, result in trained.items():
+        write_model_results(record, attention, result.best_dir)
     return record
+
+
+def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
+    """Each model's own eval and reversal results.json, in eval_ppl's and reversal_curse's shapes, next to its
+    checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
+    run_dir = Path(model_dir).parent
+    model = dict(path=str(model_dir))
+    windows = record["windows"]
+    report.write_json(run_dir / "eval" / "results.json", dict(
+        command=record["command"], model=model, method="parallel", windows=windows,
+        run=dict(model=str(model_dir), text_file=windows["source"], split="validation",
+                 max_length=windows["max_length"], stride=windows["stride"]),
+        results=record["inference"][attention], environment=record["environment"]))
+    facts = record["data"]["facts"]
+    report.write_json(run_dir / "reversal" / "results.json", dict(
+        command=record["command"], model=model, results=record["reversal"][attention],
+        facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
+        splits=["test", "train"] if record["config"]["reversal_split"] == "both" else [record["config"]["reversal_split"]],
+        environment=record["environment"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -70,3 +70,14 @@ def test_command_line_reports_a_bad_file_clearly(tmp_path):
                              "--text-file", str(tmp_path / "missing.txt")], capture_output=True, text=True,
                             cwd=REPO_ROOT)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_model_can_be_published_with_its_results(study):
+    from ka_hf import hub
+
+    out, record = study
+    found = hub.find_results(out / "train-ka" / "best")
+    assert set(found) == {"train", "eval", "reversal"}
+    card = hub.build_card(out / "train-ka" / "best", found)
+    values = [metric.metric_value for metric in card.data.eval_results]
+    assert record["inference"]["ka"][1]["ppl"] in values
