@@ -14,7 +14,8 @@ config.ka["attention"] == "ka" runs exact KA in every forward and generate() use
 (ka_hf.integration); `load_ka_model` also reattaches the adapter.
 
 The card templates live in model_cards/ at the repository root, one copy, found next to this package (a source
-checkout or `pip install -e .`); elsewhere pass `template_dir=`. Results files are read tolerantly: a section whose
+checkout or `pip install -e .`) or, for a wheel install, under <prefix>/share/ka_hf/model_cards; or pass
+`template_dir=`. Results files are read tolerantly: a section whose
 file is missing, or whose fields are, is left out of the card (KA-SPEC §5 defines the metrics).
 """
 
@@ -22,6 +23,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from . import report
@@ -32,7 +34,11 @@ from .adapters import attention_shape, load_adapter
 from .errors import KAError
 from .integration import SUPPORTED_ARCHITECTURES
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+# One copy of the templates: model_cards/ of the repository (a checkout or `pip install -e .`); a wheel installs
+# the same files as data under <prefix>/share/ka_hf/model_cards (pyproject.toml's data-files).
+_TEMPLATE_DIRS = (Path(__file__).resolve().parents[1] / "model_cards",
+                  Path(sys.prefix) / "share" / "ka_hf" / "model_cards")
+TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
 TEMPLATES = {"model": "ka_model.md.j2", "adapter": "ka_adapter.md.j2"}
 RESULT_KINDS = ("train", "eval", "reversal")  # the keys of `results`; adapter fits come from the adapter folder
 ADAPTER_SUBDIR = "adapter"
@@ -395,7 +401,7 @@ def template_path(kind: str, template_dir=None) -> Path:
     path = Path(template_dir or TEMPLATE_DIR) / TEMPLATES[kind]
     if not path.is_file():
         raise KAError(f"model card template {path} not found: the templates are in model_cards/ of the ka_hf "
-                      "repository; run from a source checkout (pip install -e .) or pass template_dir=")
+                      "repository (installed to <prefix>/share/ka_hf/model_cards); pass template_dir=")
     return path
 
 
