@@ -9,7 +9,7 @@ import ka_hf.integration
 from ka_hf import KACache, KAError, exact_ka
 from ka_hf.ops import ka_attention_naive
 
-from conftest import VOCAB, tiny_model
+from conftest import REPO_ROOT, VOCAB, tiny_model
 
 
 def random_ids(batch=2, length=12, seed=1):
@@ -275,3 +275,22 @@ def test_other_llama_family_members(family):
     with torch.no_grad():
         standard = model(input_ids).logits
     assert (parallel - tokens).abs().max() < 1e-10 and (parallel - standard).abs().max() > 1e-4
+
+
+def test_readme_quickstart_runs(tmp_path):
+    """The README's quickstart, verbatim, on a tiny GPT-2 saved with a locally trained tokenizer."""
+    import re
+
+    from ka_hf.data import train_tokenizer
+    from ka_hf.models import model_config
+
+    tokenizer = train_tokenizer(["The capital of France is Paris."] * 20 + ["KA caches outputs."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(model_config("gpt2", vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippet = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {"path": str(tmp_path)}
+    exec(snippet, namespace)
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
+    assert (namespace["logits"] - namespace["logits_std"]).abs().max() > 0
