@@ -164,14 +164,16 @@ def without_ka(model):
 # Masks: whatever format the model's attention implementation produced -> boolean "may attend".
 
 
-def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None = None):
+def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None = None, device=None):
     """Boolean mask broadcastable to (B, H, n_new, n_total), or None for plain causal.
 
     HF hands the attention function None (causal implied, lower-right aligned), a boolean 4D mask (sdpa:
     True = attend), an additive float 4D mask (eager: 0 or the dtype's minimum) or a 2D padding mask (flash).
     """
     if mask is None:
-        return None if n_new == 1 and sliding_window is None else causal_allowed(n_new, n_total, None, sliding_window)
+        if n_new == 1 and sliding_window is None:
+            return None
+        return causal_allowed(n_new, n_total, device, sliding_window)  # on the queries' device (GPU or CPU)
     if not isinstance(mask, torch.Tensor):
         raise KAError(
             f"KA cannot read an attention mask of type {type(mask).__name__} (flex attention); load the model "
@@ -200,7 +202,7 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_new, n_total = query.shape[-2], key.shape[-2]
-    allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window)
+    allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
     dropout_p = dropout if module.training else 0.0
     cache = route.cache
 
@@ -265,7 +267,7 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
         raise KAError(f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
                       "ka_hf.integration.capture_attention; do not load a model with it")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    allowed = allowed_from_mask(attention_mask, query.shape[-2], key.shape[-2], sliding_window)
+    allowed = allowed_from_mask(attention_mask, query.shape[-2], key.shape[-2], sliding_window, query.device)
     weights = attention_weights(query.float(), key.float(), allowed, scale, softcap)
     outputs = weights @ expand_kv_heads(value.float(), query.shape[1])
     records[module.layer_idx] = Captured(weights.detach(), outputs.detach(), value.detach().float())

@@ -294,3 +294,16 @@ def test_readme_quickstart_runs(tmp_path):
     exec(snippet, namespace)
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     assert (namespace["logits"] - namespace["logits_std"]).abs().max() > 0
+
+
+@pytest.mark.parametrize("arch_name", ["gpt-neox", "llama-gqa", "mistral-sliding"])
+def test_every_tensor_follows_the_inputs_device(arch_name):
+    """No GPU here: the meta device stands in for one. A mask or index built on the CPU would fail to mix."""
+    model = tiny_model(arch_name, dtype=torch.float32).to("meta")
+    input_ids = torch.randint(1, VOCAB, (2, 9), device="meta")
+    with torch.no_grad():
+        for cache in (KACache(), KACache(prefill="standard"), KACache(variant="plan2")):
+            assert model(input_ids, cache=cache, use_cache=True).logits.device.type == "meta"
+            assert model(input_ids[:, :1], cache=cache, use_cache=True).logits.device.type == "meta"
+        with exact_ka(model):
+            assert model(input_ids).logits.device.type == "meta"
