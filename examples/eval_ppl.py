@@ -12,17 +12,14 @@ results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to 
 import argparse
 import sys
 
-from ka_hf.cli import user_errors_exit_2
+from ka_hf.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.errors import KAError
-from ka_hf.evaluation import METHODS, MODES_HELP, SWEEPS, PplRun, parse_modes, run_ppl_eval
+from ka_hf.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID")
-    parser.add_argument("--tokenizer", metavar="PATH_OR_HUB_ID", help="default: the model's")
-    parser.add_argument("--modes", default="kv,ka,ka-hybrid", help=f"comma-separated: {MODES_HELP}")
-    parser.add_argument("--adapter", metavar="DIR", help="a saved plan-1 adapter, for the ka+adapter mode")
+    add_model_and_mode_arguments(parser)
     parser.add_argument("--out", default="eval_ppl_out", metavar="DIR", help="where results.json/.md and plots go")
 
     data = parser.add_argument_group("data (default: the offline corpus, ka_hf.data.default_corpus)")

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from ka_hf import report
-from ka_hf.cli import user_errors_exit_2
+from ka_hf.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.errors import KAError
-from ka_hf.evaluation import MODES_HELP, parse_modes
+from ka_hf.evaluation import parse_modes
 from ka_hf.evaluation.reversal import (SCORING, SPLITS, TRAINED_ON, check_split, recorded_facts, reversal_metrics,
                                        reversal_table)
 from ka_hf.facts import TEMPLATES, make_facts
@@ -27,10 +27,7 @@ from ka_hf.models import load_model, load_tokenizer
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID")
-    parser.add_argument("--tokenizer", metavar="PATH_OR_HUB_ID", help="default: the model's")
-    parser.add_argument("--modes", default="kv,ka,ka-hybrid", help=f"comma-separated: {MODES_HELP}")
-    parser.add_argument("--adapter", metavar="DIR", help="a saved plan-1 adapter, for the ka+adapter mode")
+    add_model_and_mode_arguments(parser)
     parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default config.ka's record")
     parser.add_argument("--facts-seed", type=int, metavar="S", help="default: config.ka's record, else 0")
     parser.add_argument("--trained-on", choices=TRAINED_ON[:-1],

@@ -20,6 +20,7 @@ Every number in the report comes from this run; the sentences that interpret the
 """
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -35,6 +36,7 @@ from .adapters import distill_adapter, fit_adapter_least_squares, gap_recovered,
 from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
 from .errors import KAError
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
+from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
 from .evaluation.run import position_gaps
 from .facts import make_facts, training_texts
@@ -201,7 +203,7 @@ def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Pa
     fit_seconds = time.perf_counter() - started
     save_adapter(least_squares, out / "adapters" / "least-squares")
 
-    distilled = fit_adapter_least_squares(model, batches)
+    distilled = copy.deepcopy(least_squares)  # distillation starts from the least-squares fit
     history = distill_adapter(model, distilled, batches, steps=config.distill_steps, progress=config.progress)
     save_adapter(distilled, out / "adapters" / "distilled")
     return dict(
@@ -230,10 +232,7 @@ def evaluate_model(model, windows, modes, adapters=None, progress=True) -> list[
     for name, adapter in (adapters or {}).items():
         record = score_modes(model, windows, [Mode("ka+adapter")], adapter=adapter, progress=progress)[0]
         records.append(record | {"mode": f"ka+adapter({name})"})
-    kv = next(record["ppl"] for record in records if record["mode"] == "kv")
-    for record in records:
-        record["degradation_pct"] = (record["ppl"] / kv - 1.0) * 100.0
-    return records
+    return add_degradation(records)
 
 
 def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
@@ -282,9 +281,8 @@ def run_experiment(config: ExperimentConfig) -> dict:
         "ka": evaluate_model(ka_model, windows, parse_modes("kv,ka", num_layers), progress=config.progress),
     }
     kv_ppl = next(r["ppl"] for r in inference["standard"] if r["mode"] == "kv")
-    sweep = score_modes(standard, windows, layer_sweep_modes(num_layers, "prefix"), progress=config.progress)
-    for record in sweep:
-        record["degradation_pct"] = (record["ppl"] / kv_ppl - 1.0) * 100.0
+    sweep = add_degradation(
+        score_modes(standard, windows, layer_sweep_modes(num_layers, "prefix"), progress=config.progress), kv_ppl)
     step("evaluation")
 
     facts = make_facts(config.facts, config.facts_seed)
@@ -361,8 +359,8 @@ def findings(record: dict) -> dict:
     ka_trained = _by_mode(record["inference"]["ka"])
     kv, ka, hybrid = standard["kv"]["ppl"], standard["ka"]["ppl"], standard["ka-hybrid"]["ppl"]
     result = dict(
-        kv_ppl=kv, ka_cache_ppl=ka, ka_cache_degradation_pct=(ka / kv - 1) * 100,
-        hybrid_ppl=hybrid, hybrid_degradation_pct=(hybrid / kv - 1) * 100,
+        kv_ppl=kv, ka_cache_ppl=ka, ka_cache_degradation_pct=standard["ka"]["degradation_pct"],
+        hybrid_ppl=hybrid, hybrid_degradation_pct=standard["ka-hybrid"]["degradation_pct"],
         ka_trained_ppl=ka_trained["ka"]["ppl"], ka_trained_vs_standard_pct=(ka_trained["ka"]["ppl"] / kv - 1) * 100,
         ka_trained_under_kv_ppl=ka_trained["kv"]["ppl"],
         train_time_ratio=record["training"]["ka"]["train_seconds"] / record["training"]["standard"]["train_seconds"],

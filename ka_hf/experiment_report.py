@@ -9,6 +9,7 @@ the reversal curse. Sentences that interpret numbers are built from the numbers 
 from pathlib import Path
 
 from . import report
+from .evaluation.run import table_rows
 from .evaluation.reversal import TABLE_COLUMNS as REVERSAL_COLUMNS
 from .evaluation.reversal import table_rows as reversal_rows
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
@@ -21,11 +22,6 @@ INFERENCE_COLUMNS = [
 
 def _signed(value: float, digits: int = 1) -> str:
     return f"{value:+,.{digits}f}"
-
-
-def _inference_rows(records):
-    return [record | {"peak_memory_mib": record["peak_memory_bytes"] / 2**20, "cache_kib": record["cache_bytes"] / 1024}
-            for record in records]
 
 
 def _configuration(record) -> str:
@@ -193,9 +189,9 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         + f"\n\nKA training time / standard training time: **{f['train_time_ratio']:.2f}x** (same data and machine).",
         "![training curves](training_curves.png)",
         "## Inference evaluation (standard-trained model)\n\n"
-        + report.markdown_table(_inference_rows(record["inference"]["standard"]), INFERENCE_COLUMNS),
+        + report.markdown_table(table_rows(record["inference"]["standard"]), INFERENCE_COLUMNS),
         "## Inference evaluation (KA-trained model)\n\n"
-        + report.markdown_table(_inference_rows(record["inference"]["ka"]), INFERENCE_COLUMNS)
+        + report.markdown_table(table_rows(record["inference"]["ka"]), INFERENCE_COLUMNS)
         + "\n\nCache bytes after one window; peak memory is "
         + ("CUDA max allocated." if "CPU" not in record["environment"]["device"] else "the process peak RSS."),
         "## Analysis\n\n### PPL degradation\n\n" + _degradation_block(f),

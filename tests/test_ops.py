@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from ka_hf.ops import attention_weights, causal_allowed, ka_attention, ka_attention_naive, standard_attention
+from ka_hf.ops import (
+    attention_weights,
+    causal_allowed,
+    expand_kv_heads,
+    ka_attention,
+    ka_attention_naive,
+    ka_decode_step,
+    standard_attention,
+)
 
 
 def random_qkv(batch=2, n_query_heads=4, n_kv_heads=2, length=11, head_dim=5, dtype=torch.float64, seed=0):
@@ -149,3 +157,15 @@ def test_weights_rows_sum_to_one_or_zero():
     weights = attention_weights(q, k, left_padded(2, 6, pads=[2, 0]), scale=1.0)
     sums = weights.sum(-1)
     assert torch.allclose(sums[0, :, 2:], torch.ones_like(sums[0, :, 2:])) and sums[0, :, :2].abs().max() == 0
+
+
+@pytest.mark.parametrize("n_query_heads,n_kv_heads,softcap", [(4, 4, None), (4, 2, None), (4, 4, 1.5)])
+def test_decode_step_equals_the_loop(n_query_heads, n_kv_heads, softcap):
+    """The decode fast path (fused SDPA for MHA, grouped form for GQA/softcap) against the reference loop."""
+    q, k, v = random_qkv(n_query_heads=n_query_heads, n_kv_heads=n_kv_heads, length=8)
+    for allowed in (None, left_padded(2, 8, pads=[0, 3])):
+        reference = ka_attention_naive(q, k, v, allowed=allowed, scale=0.5, softcap=softcap)
+        attended = torch.cat([reference[..., :-1, :], expand_kv_heads(v, n_query_heads)[..., -1:, :]], dim=-2)
+        last_row = None if allowed is None else allowed[..., -1:, :]
+        step = ka_decode_step(q[..., -1:, :], k, attended, last_row, scale=0.5, softcap=softcap)
+        assert (step - reference[..., -1:, :]).abs().max() < 1e-12

@@ -193,7 +193,7 @@ def results_record(run, model, data, windows, results, sweep, accelerator) -> di
     }
 
 
-def _table_rows(records):
+def table_rows(records):
     """Table cells: memory in MiB/KiB, mean NLL with 4 decimals (PPL gaps can be small)."""
     return [record | {"peak_memory_mib": record["peak_memory_bytes"] / 2**20,
                       "cache_kib": record["cache_bytes"] / 1024, "mean_nll": f"{record['mean_nll']:.4f}"}
@@ -218,7 +218,7 @@ def results_markdown(record: dict, with_header: bool = True) -> str:
             f"- peak memory: {results[0]['peak_memory_kind']}; cache: bytes after {results[0]['cache_bytes_after']}",
             "",
         ]
-    lines.append(report.markdown_table(_table_rows(results), TABLE_COLUMNS))
+    lines.append(report.markdown_table(table_rows(results), TABLE_COLUMNS))
     if with_header:
         lines += ["", "## Modes", ""] + [f"- `{name}`: {text}" for name, text in record["modes"].items()]
         lines += ["", "## Diagnostics", ""] + diagnostics_lines(record)
@@ -242,7 +242,7 @@ def diagnostics_lines(record) -> list[str]:
     if sweep:
         what = "layers [0..k]" if sweep["kind"] == "prefix" else "layer k alone"
         lines += ["", f"Layer sweep: KA on {what} (does the error accumulate over depth?):", "",
-                  report.markdown_table(_table_rows(sweep["results"]), TABLE_COLUMNS[:4]), "",
+                  report.markdown_table(table_rows(sweep["results"]), TABLE_COLUMNS[:4]), "",
                   "![layer sweep](layer_sweep.png)"]
     return lines
 

@@ -112,13 +112,9 @@ def standard_attention(
 ) -> torch.Tensor:
     """Ordinary softmax attention over values (B, H_kv, T, d_v), written with the same weights as KA so that the
     ka-hybrid prefill's cached outputs are exactly what standard attention computes. Returns (B, H_q, n, d_v)."""
-    out_dtype = value.dtype
-    dtype = compute_dtype(out_dtype)
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if allowed is None:
         allowed = causal_allowed(query.shape[-2], key.shape[-2], query.device)
-    weights = attention_weights(query, key, allowed, scale, softcap)
-    return (weights @ expand_kv_heads(value, query.shape[1])).to(out_dtype)
+    return _attend(query, key, expand_kv_heads(value, query.shape[1]), allowed, scale, softcap)
 
 
 def ka_decode_step(
@@ -137,7 +133,12 @@ def ka_decode_step(
     """
     if softcap is None and query.shape[1] == key.shape[1]:
         return torch.nn.functional.scaled_dot_product_attention(query, key, attended, attn_mask=allowed, scale=scale)
-    out_dtype = attended.dtype
+    return _attend(query, key, attended, allowed, scale, softcap)
+
+
+def _attend(query, key, values, allowed, scale, softcap):
+    """softmax(q K^T) @ values, values already per query head; computed in the compute dtype."""
+    out_dtype = values.dtype
     dtype = compute_dtype(out_dtype)
     weights = attention_weights(query.to(dtype), key.to(dtype), allowed, scale, softcap)
-    return (weights @ attended.to(dtype)).to(out_dtype)
+    return (weights @ values.to(dtype)).to(out_dtype)
