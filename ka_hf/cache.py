@@ -12,12 +12,42 @@ used consistently.
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from .errors import KAError
+from .ops import DEFAULT_BLOCK_SIZE, VARIANTS, check_kernel, expand_kv_heads
+from .route import check_routed
 
 PREFILL_MODES = ("ka", "standard")
-VARIANTS = ("ka", "plan2")
+
+
+def _append(current: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None):
+    """(current ++ new along the sequence, the buffer that holds it).
+
+    When `current` is the prefix view of `buffer` and the buffer has room, `new` is written in place: a decode step
+    copies one row, not the whole cache (DynamicLayer's torch.cat copies everything every step). Otherwise a new
+    buffer is made: exactly sized for a prompt, with 25% headroom for decoding. Under autograd it is a plain cat.
+    """
+    if torch.is_grad_enabled() and (current.requires_grad or new.requires_grad):
+        return torch.cat([current, new], dim=-2), None
+    length = current.shape[-2] if current.dim() == new.dim() else 0  # a fresh layer holds a 1-D empty tensor
+    n_new = new.shape[-2]
+    fits = (
+        buffer is not None
+        and length > 0
+        and current.data_ptr() == buffer.data_ptr()
+        and current.stride() == buffer.stride()
+        and current.shape[:-2] == new.shape[:-2]
+        and length + n_new <= buffer.shape[-2]
+        and buffer.dtype == new.dtype
+    )
+    if not fits:
+        headroom = 0 if n_new > 1 else max(16, length // 4)
+        buffer = new.new_empty(*new.shape[:-2], length + n_new + headroom, new.shape[-1])
+        if length:
+            buffer[..., :length, :] = current
+    buffer[..., length : length + n_new, :] = new
+    return buffer[..., : length + n_new, :], buffer
 
 
 class KALayer(DynamicLayer):
@@ -29,16 +59,17 @@ class KALayer(DynamicLayer):
     outputs (`store_outputs`). With an adapter the stored outputs are f(A), which is what later tokens attend over.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, num_query_heads: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.num_query_heads = num_query_heads
         self.pending = 0  # new tokens whose output slots still hold their values
+        self._key_buffer = self._value_buffer = None
 
     @property
     def outputs(self) -> torch.Tensor | None:
         return self.values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, num_query_heads: int | None = None,
-               *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pending:
@@ -46,12 +77,15 @@ class KALayer(DynamicLayer):
                 "KACache: the previous step's attention outputs were never stored, so this model's attention did "
                 "not run through ka_hf. Use a supported architecture (see ka_hf.SUPPORTED_ARCHITECTURES)."
             )
-        group = (num_query_heads or value_states.shape[1]) // value_states.shape[1]
-        placeholders = value_states.repeat_interleave(group, dim=1) if group > 1 else value_states
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, placeholders], dim=-2)
+        placeholders = expand_kv_heads(value_states, self.num_query_heads or value_states.shape[1])
+        self.keys, self._key_buffer = _append(self.keys, key_states, self._key_buffer)
+        self.values, self._value_buffer = _append(self.values, placeholders, self._value_buffer)
         self.pending = key_states.shape[-2]
         return self.keys, self.values
+
+    def key_positions(self) -> torch.Tensor | None:
+        """Absolute positions of the rows of `keys` when they are not simply 0 .. T-1 (window layers)."""
+        return None
 
     def past_outputs(self) -> torch.Tensor | None:
         """Outputs of the tokens cached before the pending update (None when there are none)."""
@@ -65,18 +99,96 @@ class KALayer(DynamicLayer):
         n_past = self.values.shape[-2] - self.pending
         if torch.is_grad_enabled() and (outputs.requires_grad or self.values.requires_grad):
             self.values = torch.cat([self.values[..., :n_past, :], outputs], dim=-2)  # keep autograd history
+            self._value_buffer = None
         else:
             self.values[..., n_past:, :] = outputs  # no copy of the past: a decode step writes one row
         self.pending = 0
 
     def reset(self) -> None:
         self.pending = 0
+        self._key_buffer = self._value_buffer = None
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.pending:
             raise RuntimeError("KACache.crop called between a key update and its outputs")
         super().crop(tokens_to_remove)
+
+
+class KAWindowLayer(KALayer):
+    """A KA layer with bounded memory: it keeps the (K, A) of the first `sink` tokens and of the last `window - 1`.
+
+    A new token attends to the sinks and to the tokens less than `window` positions back, itself included (HF's
+    sliding-window convention q - k < window). Evicted tokens live on only through the outputs they fed. A model's
+    own sliding-window layers (Mistral, Qwen2, Gemma-2's local layers) are window layers with no sinks: for them
+    this is exact and equal to keeping the whole history, as `DynamicSlidingWindowLayer` is for K, V.
+    """
+
+    def __init__(self, window: int, sink: int = 0, num_query_heads: int | None = None, **kwargs):
+        super().__init__(num_query_heads=num_query_heads, **kwargs)
+        self.window, self.sink = window, sink
+        self.cumulative_length = 0  # tokens seen, evicted or not: positions and generate()'s cache_position
+        self.positions: torch.Tensor | None = None  # absolute position of each row of keys / values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        n_new = key_states.shape[-2]
+        new_positions = torch.arange(self.cumulative_length, self.cumulative_length + n_new, device=keys.device)
+        self.positions = new_positions if self.positions is None else torch.cat([self.positions, new_positions])
+        self.cumulative_length += n_new
+        return keys, values
+
+    def key_positions(self) -> torch.Tensor | None:
+        return self.positions
+
+    def store_outputs(self, outputs: torch.Tensor) -> None:
+        super().store_outputs(outputs)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keep the sinks (always the first rows) and the last window - 1 rows."""
+        n_rows = self.positions.numel()
+        n_sinks = min(self.sink, self.cumulative_length)  # positions 0 .. sink-1, never evicted
+        tail = self.window - 1
+        if n_rows <= n_sinks + tail:
+            return
+        device = self.positions.device
+        rows = torch.cat([torch.arange(n_sinks, device=device), torch.arange(n_rows - tail, n_rows, device=device)])
+        self.keys = self.keys.index_select(-2, rows)
+        self.values = self.values.index_select(-2, rows)
+        self.positions = self.positions[rows]
+        self._key_buffer = self._value_buffer = None
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # HF builds the mask over every position seen (padding included); the attention keeps the kept columns.
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.sink + self.window
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        self.positions = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.positions is not None and self.positions.numel() < self.cumulative_length:
+            raise KAError("a windowed KACache cannot be cropped once it has evicted tokens")
+        super().crop(tokens_to_remove)
+        self.cumulative_length = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
+        if self.positions is not None:
+            self.positions = self.positions[: self.cumulative_length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._key_buffer = self._value_buffer = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._key_buffer = self._value_buffer = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +224,13 @@ class KACache(Cache):
             outputs are mapped by it where they serve as values.
         variant: "ka" (exact KA, KA-SPEC §2) or "plan2" (the original project's plan 2; see docs/plan2.md:
             every output collapses to the first token's value).
-        block_size: tokens per triangular solve when a long prompt is prefilled (memory O(block x T)).
+        block_size: tokens per block when a long prompt is prefilled.
+        kernel: how a multi-token chunk is computed: "auto" (default: "blocked" where it applies, O(T) memory),
+            "blocked", "parallel" (explicit weights) or "loop" (the token-by-token reference). See ka_hf.ops.kernels.
+        window, sink: bounded memory. Each KA layer keeps the (K, A) of the first `sink` tokens and the last
+            `window - 1`; a token attends to the sinks and to the tokens less than `window` positions back (itself
+            included). None (default) keeps everything. A model's own sliding-window layers always keep only their
+            window (that is exact).
     """
 
     def __init__(
@@ -121,24 +239,38 @@ class KACache(Cache):
         layers=None,
         adapter=None,
         variant: str = "ka",
-        block_size: int | None = 512,
+        block_size: int | None = DEFAULT_BLOCK_SIZE,
+        kernel: str = "auto",
+        window: int | None = None,
+        sink: int = 0,
     ):
         if prefill not in PREFILL_MODES:
             raise KAError(f"KACache(prefill={prefill!r}): use one of {PREFILL_MODES}")
-        if variant not in VARIANTS:
-            raise KAError(f"KACache(variant={variant!r}): use one of {VARIANTS}")
+        try:
+            check_kernel(kernel, variant, block_size)
+        except ValueError as error:
+            raise KAError(f"KACache: {error}") from None
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise KAError(f"KACache(window={window!r}): use a positive number of tokens, or None for no window")
+        if not isinstance(sink, int) or sink < 0 or (sink and window is None):
+            raise KAError(f"KACache(sink={sink!r}): sinks are a count of first tokens kept beside a window=")
         super().__init__(layers=[])
         self.prefill = prefill
         self.ka_layers = None if layers is None else frozenset(int(i) for i in layers)
         self.adapter = adapter
         self.variant = variant
         self.block_size = block_size
+        self.kernel = kernel
+        self.window, self.sink = window, sink
         self.signature: ModelSignature | None = None
         self._bound_config = None
+        self._native_windows: list[int | None] = []
 
     def __repr__(self):
         layers = "all" if self.ka_layers is None else sorted(self.ka_layers)
-        return f"KACache(prefill={self.prefill!r}, layers={layers}, variant={self.variant!r}, seq_len={self.get_seq_length()})"
+        window = "" if self.window is None else f", window={self.window}, sink={self.sink}"
+        return (f"KACache(prefill={self.prefill!r}, layers={layers}, variant={self.variant!r}, kernel={self.kernel!r}"
+                f"{window}, seq_len={self.get_seq_length()})")
 
     def is_ka_layer(self, layer_idx: int) -> bool:
         return self.ka_layers is None or layer_idx in self.ka_layers
@@ -154,6 +286,7 @@ class KACache(Cache):
                 raise KAError(f"KACache(layers=...) names layers {bad}, but the model has {signature.num_layers} layers")
             self.signature = signature
             self._bound_config = config
+            self._native_windows = _native_windows(config)
         elif signature != self.signature:
             raise KAError(
                 f"This KACache holds the states of another model ({self.signature}); it cannot be reused with "
@@ -161,11 +294,16 @@ class KACache(Cache):
             )
 
     def _new_layer(self, layer_idx: int):
-        return KALayer() if self.is_ka_layer(layer_idx) else DynamicLayer()
+        if not self.is_ka_layer(layer_idx):
+            return DynamicLayer()
+        native = self._native_windows[layer_idx] if layer_idx < len(self._native_windows) else None
+        windows = [w for w in (self.window, native) if w is not None]
+        if windows:
+            sink = self.sink if self.window is not None else 0
+            return KAWindowLayer(window=min(windows), sink=sink, num_query_heads=self.signature.num_heads)
+        return KALayer(num_query_heads=self.signature.num_heads)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        from .integration import check_routed  # the attention hook and the cache check each other
-
         check_routed(self, layer_idx)
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
@@ -176,16 +314,26 @@ class KACache(Cache):
                 f"KACache holds a batch of {layer.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
                 "use a new KACache for a new batch."
             )
-        if isinstance(layer, KALayer):
-            return layer.update(key_states, value_states, self.signature.num_heads)
         return layer.update(key_states, value_states, *args, **kwargs)
 
 
+def _native_windows(config) -> list[int | None]:
+    """Each layer's own sliding window (None for full attention), as transformers' caches read it."""
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError):
+        return []
+    return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, layer_kwargs)]
+
+
 def cache_nbytes(cache) -> int:
-    """Bytes held by a cache's tensors (keys + values for a DynamicCache, keys + outputs for a KACache)."""
-    total = 0
+    """Bytes of memory a cache's tensors hold (keys + values for a DynamicCache, keys + outputs for a KACache),
+    counting each allocation once and in full: a growing KACache's spare rows count too."""
+    storages = {}
     for layer in getattr(cache, "layers", []):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

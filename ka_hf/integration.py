@@ -29,46 +29,20 @@ from .errors import KAError
 from .ops import (
     DEFAULT_BLOCK_SIZE,
     attention_weights,
-    expand_kv_heads,
     causal_allowed,
+    check_kernel,
+    expand_kv_heads,
     ka_attention,
     ka_attention_naive,
     ka_decode_step,
     standard_attention,
 )
-
-# model_type -> the attention class whose forward is routed. Llama-family models carry their own copy of
-# Llama's attention code (same q/k/v -> cache.update -> attention interface flow), so each is listed.
-SUPPORTED_ARCHITECTURES = {
-    "gpt2": "transformers.models.gpt2.modeling_gpt2:GPT2Attention",
-    "gpt_neox": "transformers.models.gpt_neox.modeling_gpt_neox:GPTNeoXAttention",
-    "llama": "transformers.models.llama.modeling_llama:LlamaAttention",
-    "mistral": "transformers.models.mistral.modeling_mistral:MistralAttention",
-    "qwen2": "transformers.models.qwen2.modeling_qwen2:Qwen2Attention",
-    "qwen3": "transformers.models.qwen3.modeling_qwen3:Qwen3Attention",
-    "gemma": "transformers.models.gemma.modeling_gemma:GemmaAttention",
-    "gemma2": "transformers.models.gemma2.modeling_gemma2:Gemma2Attention",
-}
+from .route import ACTIVE_ROUTE, SUPPORTED_ARCHITECTURES, Route, check_routed  # noqa: F401 (check_routed: API)
 
 # The attention-implementation name the wrapper switches a routed call to. Not meant for from_pretrained:
 # use enable_ka / exact_ka / KACache instead (they know which layers and which cache).
 KA_IMPLEMENTATION = "ka_hf"
 CONFIG_KEY = "ka"  # config.ka: {"attention": "ka" | "standard", "layers": [...] | None, "variant": "ka", ...}
-
-
-@dataclass
-class Route:
-    """One routed attention call: which cache and layer, and whether the KA function ran."""
-
-    cache: object
-    layer_idx: int
-    kind: str  # "ka" or "standard" (a non-KA layer of a KACache)
-    variant: str = "ka"
-    block_size: int | None = DEFAULT_BLOCK_SIZE
-    used: bool = False
-
-
-_ACTIVE_ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("ka_hf_route", default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,6 +54,7 @@ class KASpec:
     layers: frozenset | None = None  # None = every layer
     variant: str = "ka"
     block_size: int | None = DEFAULT_BLOCK_SIZE
+    kernel: str = "auto"
 
     def covers(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
@@ -95,6 +70,7 @@ def ka_spec(config) -> KASpec | None:
         layers=None if layers is None else frozenset(layers),
         variant=section.get("variant", "ka"),
         block_size=section.get("block_size", DEFAULT_BLOCK_SIZE),
+        kernel=section.get("kernel", "auto"),
     )
 
 
@@ -106,21 +82,31 @@ def _check_supported(model) -> None:
         )
 
 
-def enable_ka(model, layers=None, variant: str = "ka", **record):
+def enable_ka(model, layers=None, variant: str = "ka", kernel: str = "auto",
+              block_size: int | None = DEFAULT_BLOCK_SIZE, **record):
     """Make `model` run exact KA attention on `layers` (None = all) in every forward, with or without a cache.
 
-    The setting lives in `model.config.ka`, so `save_pretrained` keeps it and a model loaded back (with ka_hf
+    `kernel` picks how KA is computed ("auto", "blocked", "parallel" or "loop"; see `ka_hf.ops.kernels`) and
+    `block_size` how many tokens a block holds. The
+    setting lives in `model.config.ka`, so `save_pretrained` keeps it and a model loaded back (with ka_hf
     imported) runs KA again; `generate()` then uses a `KACache` by default. Extra keyword arguments are recorded
     in the same section (e.g. how the model was trained). Returns the model.
     """
     _check_supported(model)
-    if variant not in ("ka", "plan2"):
-        raise KAError(f"unknown KA variant {variant!r}: use 'ka' or 'plan2'")
     section = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    _check_kernel(kernel, variant, block_size)
     section.update(record)
-    section.update(attention="ka", layers=None if layers is None else sorted(int(i) for i in layers), variant=variant)
+    section.update(attention="ka", layers=None if layers is None else sorted(int(i) for i in layers), variant=variant,
+                   kernel=kernel, block_size=block_size)
     setattr(model.config, CONFIG_KEY, section)
     return model
+
+
+def _check_kernel(kernel, variant, block_size) -> None:
+    try:
+        check_kernel(kernel, variant, block_size)
+    except ValueError as error:
+        raise KAError(str(error)) from None
 
 
 def disable_ka(model):
@@ -145,13 +131,17 @@ def _config_ka_within(model, set_section):
             delattr(model.config, CONFIG_KEY)
 
 
-def exact_ka(model, layers=None, variant: str = "ka"):
+def exact_ka(model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE):
     """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
 
         with ka_hf.exact_ka(model):
             loss = model(input_ids, labels=input_ids).loss
+
+    kernel="loop" runs the token-by-token reference instead (slow; for checking).
     """
-    return _config_ka_within(model, lambda m: enable_ka(m, layers=layers, variant=variant))
+    return _config_ka_within(
+        model, lambda m: enable_ka(m, layers=layers, variant=variant, kernel=kernel, block_size=block_size)
+    )
 
 
 def without_ka(model):
@@ -188,13 +178,27 @@ def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def window_allowed(mask, key_positions, n_seen: int, n_new: int, window: int, sink: int,
+                   sliding_window: int | None = None, device=None):
+    """Boolean mask (B or 1, 1, n_new, K) of a window layer whose K kept keys sit at absolute `key_positions`
+    (the new tokens last) after `n_seen` tokens in all: a query sees the sinks and the keys less than `window`
+    positions back, and what HF's mask over all `n_seen` positions allows (padding, the model's own window)."""
+    query_positions = key_positions[-n_new:]
+    distance = query_positions[:, None] - key_positions[None, :]
+    rule = (distance >= 0) & ((distance < window) | (key_positions[None, :] < sink))
+    if sliding_window is not None:
+        rule = rule & (distance < sliding_window)
+    seen = allowed_from_mask(mask, n_new, n_seen, None, device)
+    return rule[None, None] if seen is None else seen[..., key_positions] & rule
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The attention function a routed call runs.
 
 
 def ka_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
                          sliding_window=None, **kwargs):
-    route = _ACTIVE_ROUTE.get()
+    route = ACTIVE_ROUTE.get()
     if route is None or route.kind != "ka":
         raise KAError(
             f"attn_implementation={KA_IMPLEMENTATION!r} is set per call by ka_hf; do not load a model with it. "
@@ -202,11 +206,17 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_new, n_total = query.shape[-2], key.shape[-2]
-    allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
     dropout_p = dropout if module.training else 0.0
     cache = route.cache
+    layer = cache.layers[route.layer_idx] if isinstance(cache, KACache) else None
+    positions = layer.key_positions() if layer is not None else None
+    if positions is None:
+        allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
+    else:
+        allowed = window_allowed(attention_mask, positions, layer.cumulative_length, n_new, layer.window, layer.sink,
+                                 sliding_window, query.device)
 
-    if isinstance(cache, KACache):
+    if layer is not None:
         outputs = _ka_with_cache(cache, route.layer_idx, query, key, value, allowed, scale, softcap, dropout_p)
     else:
         if n_total != n_new:
@@ -215,8 +225,9 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
                 f"{type(cache).__name__} holds values instead. Pass past_key_values=ka_hf.KACache() "
                 "(generate() does so by default for KA models) or use_cache=False."
             )
-        outputs = ka_attention(query, key, value, None, allowed, scale, softcap, route.variant, dropout_p,
-                               route.block_size)
+        outputs = ka_attention(query, key, value, allowed=allowed, scale=scale, softcap=softcap,
+                               variant=route.variant, dropout_p=dropout_p, block_size=route.block_size,
+                               kernel=route.kernel)
     route.used = True
     return outputs.transpose(1, 2), None
 
@@ -230,15 +241,17 @@ def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scal
     adapter = cache.adapter
     if cache.prefill == "standard" and past_outputs is None:
         outputs = standard_attention(query, keys, new_values, allowed, scale, softcap)
-    elif n_new == 1 and cache.variant == "ka":
+    elif n_new == 1 and cache.variant == "ka" and cache.kernel != "loop":
         outputs = ka_decode_step(query, keys, values, allowed, scale, softcap)
     elif adapter is not None:
         # f applied to outputs inside the chunk has no exact triangular solve in general: run the recursion.
-        outputs = ka_attention_naive(query, keys, new_values, past_outputs, allowed, scale, softcap, cache.variant,
+        outputs = ka_attention_naive(query, keys, new_values, past_outputs=past_outputs, allowed=allowed, scale=scale,
+                                     softcap=softcap, variant=cache.variant,
                                      value_map=functools.partial(adapter.map_outputs, layer_idx))
     else:
-        outputs = ka_attention(query, keys, new_values, past_outputs, allowed, scale, softcap, cache.variant,
-                               dropout_p, cache.block_size)
+        outputs = ka_attention(query, keys, new_values, past_outputs=past_outputs, allowed=allowed, scale=scale,
+                               softcap=softcap, variant=cache.variant, dropout_p=dropout_p,
+                               block_size=cache.block_size, kernel=cache.kernel)
     layer.store_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
     return outputs
 
@@ -306,10 +319,10 @@ def _route_for(module, kwargs) -> Route | None:
     if isinstance(cache, KACache):
         cache.bind(module.config)
         kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"
-        return Route(cache, module.layer_idx, kind, cache.variant, cache.block_size)
+        return Route(cache, module.layer_idx, kind, cache.variant, cache.block_size, cache.kernel)
     spec = ka_spec(module.config)
     if spec is not None and spec.covers(module.layer_idx):
-        return Route(cache, module.layer_idx, "ka", spec.variant, spec.block_size)
+        return Route(cache, module.layer_idx, "ka", spec.variant, spec.block_size, spec.kernel)
     return None
 
 
@@ -319,7 +332,7 @@ def _routed(original_forward):
         route = _route_for(self, kwargs)
         if route is None:
             return original_forward(self, *args, **kwargs)
-        token = _ACTIVE_ROUTE.set(route)
+        token = ACTIVE_ROUTE.set(route)
         config = self.config
         implementation = config._attn_implementation
         if route.kind == "ka":
@@ -328,7 +341,7 @@ def _routed(original_forward):
             result = original_forward(self, *args, **kwargs)
         finally:
             config._attn_implementation = implementation
-            _ACTIVE_ROUTE.reset(token)
+            ACTIVE_ROUTE.reset(token)
         if route.kind == "ka" and not route.used:
             raise KAError(
                 f"{type(self).__name__} (layer {route.layer_idx}) computed attention without going through KA "
@@ -341,16 +354,6 @@ def _routed(original_forward):
     return forward
 
 
-def check_routed(cache, layer_idx: int) -> None:
-    """Called by `KACache.update`: the update must come from a routed attention call of this cache and layer."""
-    route = _ACTIVE_ROUTE.get()
-    if route is None or route.cache is not cache or route.layer_idx != layer_idx:
-        raise KAError(
-            "KACache was updated by an attention module ka_hf does not route, so KA cannot be computed for this "
-            f"model. Supported model types: {', '.join(SUPPORTED_ARCHITECTURES)}."
-        )
-
-
 def _prepare_cache_with_ka_default(original):
     """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache."""
 
@@ -359,7 +362,7 @@ def _prepare_cache_with_ka_default(original):
         spec = ka_spec(self.config)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = KACache(
-                layers=spec.layers, variant=spec.variant, block_size=spec.block_size
+                layers=spec.layers, variant=spec.variant, block_size=spec.block_size, kernel=spec.kernel
             )
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 

@@ -26,31 +26,17 @@ def chunked_logits(model, input_ids, chunk, **cache_kwargs):
     return torch.cat(parts, dim=1), cache
 
 
-@pytest.fixture
-def reference_loop(monkeypatch):
-    """Route the integration's KA through the token-by-token reference instead of the parallel solve."""
-
-    def loop(query, key, value, past, allowed, scale, softcap, variant, dropout_p, block_size):
-        return ka_attention_naive(query, key, value, past, allowed, scale, softcap, variant)
-
-    monkeypatch.setattr(ka_hf.integration, "ka_attention", loop)
-
-
-def test_parallel_equals_chunks_tokens_and_reference_float64(arch_name, monkeypatch):
+@pytest.mark.parametrize("kernel", ["auto", "parallel"])
+def test_parallel_equals_chunks_tokens_and_reference_float64(arch_name, kernel):
     model = tiny_model(arch_name)
     input_ids = random_ids(length=13)
-    parallel, _ = chunked_logits(model, input_ids, chunk=13)
+    parallel, _ = chunked_logits(model, input_ids, chunk=13, kernel=kernel, block_size=4)
     for chunk in (1, 3, 5):
-        assert (chunked_logits(model, input_ids, chunk)[0] - parallel).abs().max() < 1e-10
+        assert (chunked_logits(model, input_ids, chunk, kernel=kernel)[0] - parallel).abs().max() < 1e-10
     with torch.no_grad():
         standard = model(input_ids).logits
     assert (standard - parallel).abs().max() > 1e-3  # KA really differs from standard attention
-
-    def loop(query, key, value, past, allowed, scale, softcap, variant, dropout_p, block_size):
-        return ka_attention_naive(query, key, value, past, allowed, scale, softcap, variant)
-
-    monkeypatch.setattr(ka_hf.integration, "ka_attention", loop)
-    reference, _ = chunked_logits(model, input_ids, chunk=13)
+    reference, _ = chunked_logits(model, input_ids, chunk=13, kernel="loop")
     assert (reference - parallel).abs().max() < 1e-10
 
 

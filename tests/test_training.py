@@ -108,25 +108,26 @@ def test_tokenizer_trained_from_scratch_or_given(tmp_path, text_file, ka_run):
 # KA training is the exact KA recursion
 
 
-def test_ka_loss_and_gradients_equal_the_token_loop(monkeypatch):
+@pytest.mark.parametrize("kernel", ["blocked", "parallel"])
+def test_ka_loss_and_gradients_equal_the_token_loop(kernel):
     model = tiny_model("llama-gqa", num_layers=2).train()  # float64, GQA + RoPE
     ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
+    # Left padding in one row: padded queries and keys must get exactly zero weight (and zero gradient).
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :5] = 0
 
-    def loss_and_grads():
+    def loss_and_grads(kernel):
         model.zero_grad()
-        with ka_hf.exact_ka(model):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with ka_hf.exact_ka(model, kernel=kernel, block_size=6):  # several blocks of 20 tokens
+            loss = model(input_ids=ids, attention_mask=attention_mask, labels=ids, use_cache=False).loss
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    parallel_loss, parallel_grads = loss_and_grads()
-    monkeypatch.setattr(ka_hf.integration, "ka_attention",
-                        lambda q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size:
-                        ka_attention_naive(q, k, v, past, allowed, scale, softcap, variant))
-    loop_loss, loop_grads = loss_and_grads()
-    torch.testing.assert_close(parallel_loss, loop_loss, rtol=1e-8, atol=0)
+    fast_loss, fast_grads = loss_and_grads(kernel)
+    loop_loss, loop_grads = loss_and_grads("loop")
+    torch.testing.assert_close(fast_loss, loop_loss, rtol=1e-8, atol=0)
     for name, grad in loop_grads.items():
-        torch.testing.assert_close(parallel_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
 def test_plan2_outputs_equal_the_first_value(tmp_path, text_file, monkeypatch):
@@ -138,9 +139,9 @@ def test_plan2_outputs_equal_the_first_value(tmp_path, text_file, monkeypatch):
     recorded = []
     parallel = ka_hf.integration.ka_attention
 
-    def recording(q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size):
-        outputs = parallel(q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size)
-        recorded.append((v, outputs, variant))
+    def recording(q, k, v, **options):
+        outputs = parallel(q, k, v, **options)
+        recorded.append((v, outputs, options["variant"]))
         return outputs
 
     monkeypatch.setattr(ka_hf.integration, "ka_attention", recording)

@@ -1,20 +1,31 @@
 """Pure tensor math for KA attention: no transformers import here.
 
 - `naive.ka_attention_naive`: the token-by-token reference (test oracle; fallback for non-linear value maps).
-- `parallel.ka_attention`: the exact parallel form (blocked triangular solves), with a cached past.
+- `parallel.ka_attention_parallel`: explicit weights and one triangular solve per block; plan 2 and dropout.
+- `blocked.ka_attention_blocked`: O(T) memory, fused attention over past outputs, recomputing backward.
+- `kernels.ka_attention`: the entry point, `kernel="auto" | "blocked" | "parallel" | "loop"`.
+- `parallel.ka_decode_step`: one new token, one fused attention over [A_past; v_new].
 """
 
-from .common import attention_weights, causal_allowed, expand_kv_heads
+from .blocked import ka_attention_blocked
+from .common import DEFAULT_BLOCK_SIZE, attention_weights, causal_allowed, expand_kv_heads
+from .kernels import KERNELS, VARIANTS, check_kernel, ka_attention, resolve_kernel
 from .naive import ka_attention_naive
-from .parallel import DEFAULT_BLOCK_SIZE, ka_attention, ka_decode_step, standard_attention
+from .parallel import ka_attention_parallel, ka_decode_step, standard_attention
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "KERNELS",
+    "VARIANTS",
     "attention_weights",
     "causal_allowed",
+    "check_kernel",
     "expand_kv_heads",
     "ka_attention",
+    "ka_attention_blocked",
     "ka_attention_naive",
+    "ka_attention_parallel",
     "ka_decode_step",
+    "resolve_kernel",
     "standard_attention",
 ]

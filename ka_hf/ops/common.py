@@ -2,6 +2,10 @@
 
 import torch
 
+# Tokens per block of a long prompt or training sequence (both kernels): memory O(block x T) for "parallel",
+# O(block^2 + T) for "blocked". 256 was the fastest of 64-512 for the blocked kernel at T = 2k-8k on a CPU.
+DEFAULT_BLOCK_SIZE = 256
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half inputs are computed in float32: the CPU `solve_triangular` has no half kernels, and the solve's

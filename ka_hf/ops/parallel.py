@@ -12,9 +12,7 @@ a T x T matrix per head.
 
 import torch
 
-from .common import attention_weights, causal_allowed, compute_dtype, expand_kv_heads, plan2_weights
-
-DEFAULT_BLOCK_SIZE = 512
+from .common import DEFAULT_BLOCK_SIZE, attention_weights, causal_allowed, compute_dtype, expand_kv_heads, plan2_weights
 
 
 def ka_attention_chunk(
@@ -28,7 +26,7 @@ def ka_attention_chunk(
     variant: str = "ka",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """One chunk of n new tokens after p cached ones, in the compute dtype. Shapes as in `ka_attention`."""
+    """One chunk of n new tokens after p cached ones, in the compute dtype. Shapes as in `ka_attention_parallel`."""
     n_query_heads, n_new, n_total = query.shape[1], query.shape[-2], key.shape[-2]
     n_past = n_total - n_new
     weights = attention_weights(query, key, allowed, scale, softcap)
@@ -47,7 +45,7 @@ def ka_attention_chunk(
     return torch.linalg.solve_triangular(-weights_new, rhs, upper=False, unitriangular=True)
 
 
-def ka_attention(
+def ka_attention_parallel(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -59,7 +57,10 @@ def ka_attention(
     dropout_p: float = 0.0,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """Exact KA outputs of n new tokens, in parallel.
+    """Exact KA outputs of n new tokens, in parallel, with explicit (block x T) weight matrices.
+
+    The "parallel" kernel: autograd differentiates through the weights (so a training step keeps them all, O(T^2)
+    per head); it also computes plan 2 and attention dropout, which the O(T)-memory "blocked" kernel does not.
 
     query (B, H_q, n, d); key (B, H_kv, p + n, d) — the p cached keys then the new ones; value (B, H_kv, n, d_v)
     of the new tokens; past_outputs (B, H_q, p, d_v), what the cached tokens offer as values; allowed: boolean
@@ -128,12 +129,30 @@ def ka_decode_step(
     """One new token: a = softmax(q K^T) [A_past; v_new] — ordinary attention, no solve (KA-SPEC §3, n = 1).
 
     query (B, H_q, 1, d); key (B, H_kv, p + 1, d); attended (B, H_q, p + 1, d_v) = past outputs then v_new,
-    already per query head. With one key head per query head and no softcap this is a single fused SDPA call
-    (a fully masked row gives 0); otherwise the grouped explicit form, which never copies keys per query head.
+    already per query head. Without softcap this is one fused SDPA call (a fully masked row gives 0). With GQA
+    the H_q / H_kv query heads of a group become SDPA "heads" of a batch entry per kv head, and their shared keys
+    a stride-0 view: no key is copied per query head.
     """
-    if softcap is None and query.shape[1] == key.shape[1]:
+    if softcap is not None:
+        return _attend(query, key, attended, allowed, scale, softcap)
+    batch, n_query_heads, _, head_dim = query.shape
+    n_kv_heads, n_total = key.shape[1], key.shape[-2]
+    if n_query_heads == n_kv_heads:
         return torch.nn.functional.scaled_dot_product_attention(query, key, attended, attn_mask=allowed, scale=scale)
-    return _attend(query, key, attended, allowed, scale, softcap)
+    group = n_query_heads // n_kv_heads
+    folded = batch * n_kv_heads
+    keys = key.reshape(folded, 1, n_total, head_dim).expand(folded, group, n_total, head_dim)
+    mask = None
+    if allowed is not None:  # (B or 1, 1 or H_q, 1, T) -> (B * H_kv, group, 1, T)
+        mask = allowed.expand(batch, n_query_heads, 1, n_total).reshape(folded, group, 1, n_total)
+    outputs = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(folded, group, 1, head_dim),
+        keys,
+        attended.reshape(folded, group, n_total, attended.shape[-1]),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return outputs.view(batch, n_query_heads, 1, attended.shape[-1])
 
 
 def _attend(query, key, values, allowed, scale, softcap):

@@ -1,0 +1,74 @@
+"""The KA kernels, chosen by name: one entry point for the model integration, tests and benchmarks.
+
+| kernel | what | memory | also computes |
+|---|---|---|---|
+| "blocked" | fused attention over past outputs + one small solve per block (ops/blocked.py) | O(T) | exact KA |
+| "parallel" | explicit (block x T) weights + triangular solve (ops/parallel.py) | O(T^2) in training | plan 2, dropout |
+| "loop" | the token-by-token reference (ops/naive.py) | O(T) | everything (slow) |
+
+"auto" (the default) is "blocked" wherever it applies (variant "ka", no attention dropout), else "parallel".
+"""
+
+from .blocked import ka_attention_blocked
+from .common import DEFAULT_BLOCK_SIZE
+from .naive import ka_attention_naive
+from .parallel import ka_attention_parallel
+
+KERNELS = ("auto", "blocked", "parallel", "loop")
+VARIANTS = ("ka", "plan2")
+
+
+def check_kernel(kernel: str, variant: str = "ka", block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
+    """Raise ValueError for an unknown kernel or variant, a kernel that cannot compute the variant, or a block size
+    that is not a positive int (None = one block for the whole input)."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown KA kernel {kernel!r}: use one of {KERNELS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown KA variant {variant!r}: use one of {VARIANTS}")
+    if kernel == "blocked" and variant != "ka":
+        raise ValueError(f"the 'blocked' kernel computes exact KA only; variant {variant!r} needs 'parallel' or 'loop'")
+
+
+def resolve_kernel(kernel: str, variant: str = "ka", dropout_p: float = 0.0) -> str:
+    """The concrete kernel a call runs."""
+    if kernel != "auto":
+        return kernel
+    return "blocked" if variant == "ka" and dropout_p == 0.0 else "parallel"
+
+
+def ka_attention(
+    query,
+    key,
+    value,
+    *,
+    past_outputs=None,
+    allowed=None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    variant: str = "ka",
+    dropout_p: float = 0.0,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    kernel: str = "auto",
+):
+    """Exact KA outputs (B, H_q, n, d_v) of n new tokens after p cached ones, by the named kernel.
+
+    query (B, H_q, n, d); key (B, H_kv, p + n, d) — the cached keys then the new ones; value (B, H_kv, n, d_v);
+    past_outputs (B, H_q, p, d_v), what the cached tokens offer as values; allowed: boolean mask broadcastable to
+    (B, H_q, n, p + n), True = may attend, None = causal. Half inputs are computed in float32.
+    """
+    check_kernel(kernel, variant, block_size)
+    kernel = resolve_kernel(kernel, variant, dropout_p)
+    if kernel == "blocked":
+        if dropout_p > 0.0:
+            raise ValueError("the 'blocked' kernel has no attention dropout; use kernel='parallel' (or 'auto')")
+        return ka_attention_blocked(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
+                                    softcap=softcap, block_size=block_size)
+    if kernel == "parallel":
+        return ka_attention_parallel(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
+                                     softcap=softcap, variant=variant, dropout_p=dropout_p, block_size=block_size)
+    if dropout_p > 0.0:
+        raise ValueError("the 'loop' kernel has no attention dropout; use kernel='parallel' (or 'auto')")
+    return ka_attention_naive(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
+                              softcap=softcap, variant=variant)
