@@ -5,9 +5,18 @@ outputs, exactly (KA-SPEC §2) and in parallel (§3).
     model.generate(**inputs, past_key_values=ka_hf.KACache())
 """
 
-from .cache import KACache, KALayer, cache_nbytes
+from .cache import KACache, KALayer, KAWindowLayer, cache_nbytes
 from .errors import KAError
-from .integration import SUPPORTED_ARCHITECTURES, disable_ka, enable_ka, exact_ka, install, ka_spec, without_ka
+from .integration import (
+    SUPPORTED_ARCHITECTURES,
+    disable_ka,
+    enable_ka,
+    exact_ka,
+    install,
+    ka_spec,
+    window_attention_mask,
+    without_ka,
+)
 
 install()
 
@@ -17,11 +26,13 @@ __all__ = [
     "KACache",
     "KAError",
     "KALayer",
+    "KAWindowLayer",
     "SUPPORTED_ARCHITECTURES",
     "cache_nbytes",
     "disable_ka",
     "enable_ka",
     "exact_ka",
     "ka_spec",
+    "window_attention_mask",
     "without_ka",
 ]

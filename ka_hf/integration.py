@@ -178,6 +178,17 @@ def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def window_attention_mask(attention_mask: torch.Tensor, window: int, sink: int = 0, dtype=torch.float32):
+    """A 4-D additive mask (B, 1, T, T) for a whole sequence that gives every query what a window cache with sinks
+    leaves it: the first `sink` tokens and the last `window` (itself included), minus padding (`attention_mask`
+    (B, T), 1 = token). Passed as `attention_mask=` it scores in one parallel pass exactly what token-by-token
+    decoding with `KACache(window=, sink=)` (under KA) or a window-with-sinks KV cache (under standard attention)
+    computes; any attention implementation reads it."""
+    length = attention_mask.shape[-1]
+    allowed = causal_allowed(length, length, attention_mask.device, window, sink) & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def window_allowed(mask, key_positions, n_seen: int, n_new: int, window: int, sink: int,
                    sliding_window: int | None = None, device=None):
     """Boolean mask (B or 1, 1, n_new, K) of a window layer whose K kept keys sit at absolute `key_positions`

@@ -1,5 +1,7 @@
 """The tensor ops against the reference token loop (KA-SPEC §2-3), on fresh random inputs."""
 
+import functools
+
 import pytest
 import torch
 
@@ -51,66 +53,81 @@ def test_naive_matches_scalar_definition():
     assert torch.allclose(naive, scalar_reference(q[0], k[0], v[0], 0.7), atol=1e-12)
 
 
+# The two fast kernels; "loop" (ka_attention_naive) is the reference they are held to.
+FAST_KERNELS = ["blocked", "parallel"]
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
 @pytest.mark.parametrize("n_query_heads,n_kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("block_size", [None, 3, 512])
-def test_parallel_equals_loop(n_query_heads, n_kv_heads, block_size):
+def test_parallel_equals_loop(n_query_heads, n_kv_heads, block_size, kernel):
     q, k, v = random_qkv(n_query_heads=n_query_heads, n_kv_heads=n_kv_heads, length=13, seed=n_kv_heads)
     reference = ka_attention_naive(q, k, v, scale=0.4)
-    parallel = ka_attention(q, k, v, scale=0.4, block_size=block_size)
+    parallel = ka_attention(q, k, v, scale=0.4, block_size=block_size, kernel=kernel)
     assert (parallel - reference).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
 @pytest.mark.parametrize("split", [1, 4, 12])
-def test_chunk_with_cached_outputs_equals_whole(split):
+def test_chunk_with_cached_outputs_equals_whole(split, kernel):
     q, k, v = random_qkv(length=13)
-    whole = ka_attention(q, k, v, scale=0.3)
-    first = ka_attention(q[..., :split, :], k[..., :split, :], v[..., :split, :], scale=0.3)
-    rest = ka_attention(q[..., split:, :], k, v[..., split:, :], past_outputs=first, scale=0.3)
+    whole = ka_attention(q, k, v, scale=0.3, kernel=kernel)
+    first = ka_attention(q[..., :split, :], k[..., :split, :], v[..., :split, :], scale=0.3, kernel=kernel)
+    rest = ka_attention(q[..., split:, :], k, v[..., split:, :], past_outputs=first, scale=0.3, kernel=kernel)
     assert (torch.cat([first, rest], dim=-2) - whole).abs().max() < 1e-12
 
 
-def test_token_by_token_equals_whole():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_token_by_token_equals_whole(kernel):
     q, k, v = random_qkv(length=9)
     outputs = None
     for i in range(9):
         new = ka_attention(q[..., i : i + 1, :], k[..., : i + 1, :], v[..., i : i + 1, :], past_outputs=outputs,
-                           scale=0.5)
+                           scale=0.5, kernel=kernel)
         outputs = new if outputs is None else torch.cat([outputs, new], dim=-2)
-    assert (outputs - ka_attention(q, k, v, scale=0.5)).abs().max() < 1e-12
+    assert (outputs - ka_attention(q, k, v, scale=0.5, kernel=kernel)).abs().max() < 1e-12
 
 
-def test_padding_sliding_window_and_softcap():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_padding_sliding_window_and_softcap(kernel):
     q, k, v = random_qkv(length=12)
     allowed = left_padded(2, 12, pads=[0, 4]) & causal_allowed(12, 12, None, sliding_window=4)
     reference = ka_attention_naive(q, k, v, allowed=allowed, scale=0.6, softcap=2.0)
-    parallel = ka_attention(q, k, v, allowed=allowed, scale=0.6, softcap=2.0, block_size=5)
+    parallel = ka_attention(q, k, v, allowed=allowed, scale=0.6, softcap=2.0, block_size=5, kernel=kernel)
     assert (parallel - reference).abs().max() < 1e-12
     assert torch.isfinite(parallel).all()
     assert parallel[1, :, :4].abs().max() == 0  # fully masked (pad) queries output exactly 0
 
 
-def test_fully_masked_rows_have_finite_gradients():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_fully_masked_rows_have_finite_gradients(kernel):
     q, k, v = (t.requires_grad_() for t in random_qkv(length=8))
     allowed = left_padded(2, 8, pads=[3, 8])  # row 1 is all padding
-    ka_attention(q, k, v, allowed=allowed, scale=0.5).square().sum().backward()
+    ka_attention(q, k, v, allowed=allowed, scale=0.5, block_size=3, kernel=kernel).square().sum().backward()
     for tensor in (q, k, v):
         assert torch.isfinite(tensor.grad).all()
+        assert tensor.grad[1].abs().max() == 0  # nothing in the all-padding row reaches the loss
 
 
-def test_gradcheck_parallel_form():
-    q, k, v = random_qkv(batch=1, length=6, head_dim=3)
-    allowed = left_padded(1, 6, pads=[1])
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_gradcheck_parallel_form(kernel, softcap):
+    q, k, v = random_qkv(batch=1, n_query_heads=4, n_kv_heads=2, length=7, head_dim=3)
+    allowed = left_padded(1, 7, pads=[1])
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ka_attention(q, k, v, allowed=allowed, scale=0.5, block_size=4), inputs
+        lambda q, k, v: ka_attention(q, k, v, allowed=allowed, scale=0.5, softcap=softcap, block_size=3,
+                                     kernel=kernel),
+        inputs,
     )
 
 
-def test_gradients_match_the_loop():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_gradients_match_the_loop(kernel):
     q, k, v = random_qkv(length=10)
     weights_out = torch.randn(2, 4, 10, 5, dtype=torch.float64)
     grads = []
-    for op in (ka_attention, ka_attention_naive):
+    for op in (functools.partial(ka_attention, kernel=kernel, block_size=4), ka_attention_naive):
         inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
         (op(*inputs, scale=0.5) * weights_out).sum().backward()
         grads.append([t.grad for t in inputs])
@@ -118,20 +135,35 @@ def test_gradients_match_the_loop():
         assert (parallel_grad - loop_grad).abs().max() < 1e-11
 
 
-def test_float32_and_half_dtypes():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_float32_and_half_dtypes(kernel):
     q, k, v = random_qkv(length=16)
     reference = ka_attention_naive(q, k, v, scale=0.4)
-    single = ka_attention(q.float(), k.float(), v.float(), scale=0.4)
+    single = ka_attention(q.float(), k.float(), v.float(), scale=0.4, kernel=kernel)
     assert single.dtype == torch.float32 and (single.double() - reference).abs().max() < 1e-5
     for half in (torch.float16, torch.bfloat16):
-        result = ka_attention(q.to(half), k.to(half), v.to(half), scale=0.4)
+        result = ka_attention(q.to(half), k.to(half), v.to(half), scale=0.4, kernel=kernel)
         assert result.dtype == half
         assert (result.double() - reference).abs().max() < 0.05
 
 
-def test_blocked_long_prompt_equals_single_solve():
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_blocked_long_prompt_equals_single_solve(kernel):
     q, k, v = random_qkv(batch=1, n_query_heads=2, n_kv_heads=1, length=300, head_dim=4, dtype=torch.float32)
-    assert (ka_attention(q, k, v, scale=0.5, block_size=64) - ka_attention(q, k, v, scale=0.5, block_size=None)).abs().max() < 1e-5
+    blocks = ka_attention(q, k, v, scale=0.5, block_size=64, kernel=kernel)
+    assert (blocks - ka_attention(q, k, v, scale=0.5, block_size=None, kernel=kernel)).abs().max() < 1e-5
+
+
+def test_kernel_options_are_checked():
+    q, k, v = random_qkv(length=4)
+    with pytest.raises(ValueError, match="unknown KA kernel"):
+        ka_attention(q, k, v, kernel="flash")
+    with pytest.raises(ValueError, match="exact KA only"):
+        ka_attention(q, k, v, variant="plan2", kernel="blocked")
+    with pytest.raises(ValueError, match="block_size"):
+        ka_attention(q, k, v, block_size=0)
+    with pytest.raises(ValueError, match="dropout"):
+        ka_attention(q, k, v, dropout_p=0.1, kernel="blocked")
 
 
 def test_plan2_collapses_to_first_value():
@@ -159,7 +191,7 @@ def test_weights_rows_sum_to_one_or_zero():
     assert torch.allclose(sums[0, :, 2:], torch.ones_like(sums[0, :, 2:])) and sums[0, :, :2].abs().max() == 0
 
 
-@pytest.mark.parametrize("n_query_heads,n_kv_heads,softcap", [(4, 4, None), (4, 2, None), (4, 4, 1.5)])
+@pytest.mark.parametrize("n_query_heads,n_kv_heads,softcap", [(4, 4, None), (4, 2, None), (6, 2, None), (4, 4, 1.5)])
 def test_decode_step_equals_the_loop(n_query_heads, n_kv_heads, softcap):
     """The decode fast path (fused SDPA for MHA, grouped form for GQA/softcap) against the reference loop."""
     q, k, v = random_qkv(n_query_heads=n_query_heads, n_kv_heads=n_kv_heads, length=8)

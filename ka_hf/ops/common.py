@@ -13,14 +13,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def causal_allowed(n_new: int, n_total: int, device, sliding_window: int | None = None) -> torch.Tensor:
+def causal_allowed(n_new: int, n_total: int, device, sliding_window: int | None = None, sink: int = 0) -> torch.Tensor:
     """Boolean (1, 1, n_new, n_total) mask: the new tokens sit at absolute positions n_total - n_new ... n_total - 1
-    and each may see itself and the keys before it (within `sliding_window`, HF's convention q - k < window)."""
+    and each may see itself and the keys before it (within `sliding_window`, HF's convention q - k < window; the
+    first `sink` positions stay visible beyond the window)."""
     query_pos = torch.arange(n_total - n_new, n_total, device=device)[:, None]
     key_pos = torch.arange(n_total, device=device)[None, :]
     allowed = key_pos <= query_pos
     if sliding_window is not None:
-        allowed = allowed & (query_pos - key_pos < sliding_window)
+        allowed = allowed & ((query_pos - key_pos < sliding_window) | (key_pos < sink))
     return allowed[None, None]
 
 
