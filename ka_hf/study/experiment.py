@@ -5,15 +5,15 @@
 
 The path from data to report, in order (each step's work lives in its own module):
 
-1. data        the LM corpus (offline default: ka_hf.data.default_corpus; or --text-file / --dataset) with the
-               reversal-curse facts (ka_hf.facts) mixed into its training split, written to DIR/data/*.txt so
+1. data        the LM corpus (offline default: ka_hf.study.data.default_corpus; or --text-file / --dataset) with the
+               reversal-curse facts (ka_hf.study.facts) mixed into its training split, written to DIR/data/*.txt so
                every later step (and anyone re-running one) reads the same text
 2. tokenizer   one byte-level BPE trained on the training text, shared by both models (same tokens, same PPLs)
-3. training    the standard-attention model and the exact-KA model (ka_hf.training, same data, same seed)
-4. adapters    plan 1 on the standard model: least squares A -> V, then distillation (ka_hf.adapters)
-5. evaluation  every model x mode on the same validation windows (ka_hf.evaluation): PPL, tokens/s, time,
+3. training    the standard-attention model and the exact-KA model (ka_hf.study.training, same data, same seed)
+4. adapters    plan 1 on the standard model: least squares A -> V, then distillation (ka_hf.study.fit_adapters)
+5. evaluation  every model x mode on the same validation windows (ka_hf.study.evaluation): PPL, tokens/s, time,
                memory, cache bytes, NLL by position, a layer sweep
-6. reversal    forward/backward PPL of the facts per model x mode (ka_hf.evaluation.reversal)
+6. reversal    forward/backward PPL of the facts per model x mode (ka_hf.study.evaluation.reversal)
 7. report      DIR/report.md (structured like the original experiment report), DIR/results.json, PNGs
 
 Every number in the report comes from this run; the sentences that interpret them are generated from them.
@@ -31,15 +31,17 @@ from pathlib import Path
 
 import torch
 
+from ka_hf.adapters import save_adapter
+from ka_hf.errors import KAError
+
 from . import report
-from .adapters import distill_adapter, fit_adapter_least_squares, gap_recovered, save_adapter
 from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
-from .errors import KAError
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
 from .evaluation.run import position_gaps
 from .facts import make_facts, training_texts
+from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .training import TrainConfig, epoch_notes, train
 
@@ -135,7 +137,7 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
         source = f"{config.dataset} ({config.dataset_config})"
     else:
         train_texts, val_texts = default_corpus("train"), default_corpus("validation")
-        source = "ka_hf.data.default_corpus (Python standard-library docstrings, offline)"
+        source = "ka_hf.study.data.default_corpus (Python standard-library docstrings, offline)"
     if not val_texts:
         raise KAError("no validation text: give --val-text-file or a longer --text-file")
 
@@ -153,7 +155,7 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
                 train_file=str(data_dir / "train.txt"), validation_file=str(data_dir / "validation.txt"))
 
 
-def prepare_tokenizer(config: ExperimentConfig, data: dict, out: Path) -> Path:
+def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path) -> Path:
     texts = Path(data["train_file"]).read_text().splitlines()
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -261,7 +263,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
     step.last = started
     data = prepare_data(config, out)
-    tokenizer_dir = prepare_tokenizer(config, data, out)
+    tokenizer_dir = train_shared_tokenizer(config, data, out)
     step("data and tokenizer")
     trained = {attention: train_model(config, data, tokenizer_dir, attention, out) for attention in ("standard", "ka")}
     step("training")
