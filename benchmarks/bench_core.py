@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import ka_hf
-from ka_hf.models import PYTHIA_70M_SHAPE, model_config
+from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 MODELS = {
     "gpt2-small": dict(arch="gpt2", num_layers=12, hidden_size=768, num_heads=12, vocab_size=50257),

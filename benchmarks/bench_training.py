@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 
 import ka_hf
 import ka_hf.integration
-from ka_hf import report
-from ka_hf.models import PYTHIA_70M_SHAPE, model_config
 from ka_hf.ops import ka_attention_naive
+from ka_hf.study import report
+from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 
 def token_loop(q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size):

@@ -12,9 +12,9 @@ results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to 
 import argparse
 import sys
 
-from ka_hf.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.errors import KAError
-from ka_hf.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
+from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
+from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
 
 
 def parse_args(argv=None):
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     add_model_and_mode_arguments(parser)
     parser.add_argument("--out", default="eval_ppl_out", metavar="DIR", help="where results.json/.md and plots go")
 
-    data = parser.add_argument_group("data (default: the offline corpus, ka_hf.data.default_corpus)")
+    data = parser.add_argument_group("data (default: the offline corpus, ka_hf.study.data.default_corpus)")
     data.add_argument("--dataset", help="a Hub dataset name (e.g. Salesforce/wikitext)")
     data.add_argument("--dataset-config", help="e.g. wikitext-2-raw-v1")
     data.add_argument("--split", default="test")

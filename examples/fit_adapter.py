@@ -17,11 +17,12 @@ import json
 
 import torch
 
-from ka_hf import report
-from ka_hf.adapters import KAAdapter, compare_ppl, distill_adapter, fit_adapter_least_squares, save_adapter
-from ka_hf.cli import user_errors_exit_2
-from ka_hf.models import load_model, load_tokenizer
-from ka_hf.training import TrainConfig, load_data_texts, make_blocks
+from ka_hf.adapters import KAAdapter, save_adapter
+from ka_hf.study import report
+from ka_hf.study.cli import user_errors_exit_2
+from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares
+from ka_hf.study.models import load_model, load_tokenizer
+from ka_hf.study.training import TrainConfig, load_data_texts, make_blocks
 
 
 def parse_args(argv=None):
@@ -29,7 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a standard-trained checkpoint (directory or Hub id)")
     parser.add_argument("--out", required=True, help="where to save the adapter")
     parser.add_argument("--target", choices=("attention", "values"), default="attention",
-                        help="least-squares target (see ka_hf.adapters.fit_adapter_least_squares)")
+                        help="least-squares target (see ka_hf.study.fit_adapters.fit_adapter_least_squares)")
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--mlp-hidden", type=int, default=0, help="add a residual MLP of this width (distilled)")
     parser.add_argument("--distill-steps", type=int, default=0)

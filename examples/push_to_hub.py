@@ -6,8 +6,8 @@ carries its training, KV-vs-KA and reversal results and says how to run it.
     python examples/push_to_hub.py --model runs/standard/best --adapter runs/standard/adapter --repo-id USER/NAME
 
 Results files: the flags, else the results.json files found next to --model (the training run's, and eval_ppl /
-reversal_curse runs whose --model was this directory; see ka_hf.hub.find_results). The token is huggingface_hub's
-usual one (HF_TOKEN or `hf auth login`). See docs/hub.md.
+reversal_curse runs whose --model was this directory; see ka_hf.study.hub.find_results). The token is
+huggingface_hub's usual one (HF_TOKEN or `hf auth login`). See docs/hub.md.
 """
 
 import argparse
@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ka_hf import hub
-from ka_hf.cli import user_errors_exit_2
+from ka_hf.study import hub
+from ka_hf.study.cli import user_errors_exit_2
 
 
 def parse_args(argv=None):

@@ -4,7 +4,7 @@ trained on, over whole sentences and answer spans, plus greedy exact match of th
     python examples/reversal_curse.py --model runs/facts/best --modes kv,ka,ka-hybrid --out results/reversal
     python examples/reversal_curse.py --model M --facts 200 --facts-seed 0 --trained-on forward --out R
 
-The facts are ka_hf.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
+The facts are ka_hf.study.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
 config.ka["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
 See docs/reversal.md.
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from ka_hf import report
-from ka_hf.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.errors import KAError
-from ka_hf.evaluation import parse_modes
-from ka_hf.evaluation.reversal import (SCORING, SPLITS, TRAINED_ON, check_split, recorded_facts, reversal_metrics,
-                                       reversal_table)
-from ka_hf.facts import TEMPLATES, make_facts
-from ka_hf.models import load_model, load_tokenizer
+from ka_hf.study import report
+from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
+from ka_hf.study.evaluation import parse_modes
+from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
+                                             reversal_metrics, reversal_table)
+from ka_hf.study.facts import TEMPLATES, make_facts
+from ka_hf.study.models import load_model, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--trained-on", choices=TRAINED_ON[:-1],
                         help="directions in training (none: facts the model never saw, a control); default: "
                              "config.ka's record, else unknown")
-    parser.add_argument("--split", default="both", choices=(*SPLITS, "both"),
+    parser.add_argument("--split", default="both", choices=(*FACT_SPLITS, "both"),
                         help="templates: test (held out), train (the training paraphrases) or both")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
     parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")

@@ -12,9 +12,9 @@ tokenizer and config.ka recording how it was trained). See docs/training.md.
 
 import argparse
 
-from ka_hf.cli import user_errors_exit_2
-from ka_hf.models import ARCHITECTURES
-from ka_hf.training import ATTENTIONS, PRECISIONS, SCHEDULES, VARIANTS, TrainConfig, load_train_config, train
+from ka_hf.study.cli import user_errors_exit_2
+from ka_hf.study.models import ARCHITECTURES
+from ka_hf.study.training import ATTENTIONS, PRECISIONS, SCHEDULES, VARIANTS, TrainConfig, load_train_config, train
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

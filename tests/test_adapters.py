@@ -1,4 +1,5 @@
-"""Tests for ka_hf.adapters (plan 1) and examples/fit_adapter.py: tiny random-init models, real HF parts."""
+"""Tests for ka_hf.adapters, ka_hf.study.fit_adapters (plan 1) and examples/fit_adapter.py: tiny random-init
+models, real HF parts."""
 
 import importlib.util
 
@@ -6,17 +7,10 @@ import pytest
 import torch
 
 import ka_hf
-from ka_hf.adapters import (
-    KAAdapter,
-    capture_attention,
-    compare_ppl,
-    distill_adapter,
-    fit_adapter_least_squares,
-    kl_to_standard,
-    load_adapter,
-    save_adapter,
-)
+from ka_hf.adapters import KAAdapter, load_adapter, save_adapter
 from ka_hf.errors import KAError
+from ka_hf.integration import capture_attention
+from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares, kl_to_standard
 from conftest import REPO_ROOT, VOCAB
 from conftest import tiny_model as conftest_tiny_model
 
@@ -182,7 +176,7 @@ def test_bad_adapter_input_gets_a_clear_error(tmp_path):
 
 def test_fit_adapter_script(tmp_path, capsys):
     model = tiny_model("gpt-neox", dtype=torch.float32)
-    from ka_hf.data import default_corpus, train_tokenizer
+    from ka_hf.study.data import default_corpus, train_tokenizer
 
     texts = [text.replace("\n", " ") for text in default_corpus("train")[:40]]
     tokenizer = train_tokenizer(texts, vocab_size=VOCAB + 20)

@@ -1,4 +1,4 @@
-"""Tests for ka_hf.data: loading, the default corpus, tokenizing, PPL windows, batches and blocks."""
+"""Tests for ka_hf.study.data: loading, the default corpus, tokenizing, PPL windows, batches and blocks."""
 
 import json
 import os
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ka_hf.data import (
+from ka_hf.errors import KAError
+from ka_hf.study.data import (
     count_scored_tokens,
     default_corpus,
     lm_blocks,
@@ -19,7 +20,6 @@ from ka_hf.data import (
     tokenize_texts,
     train_tokenizer,
 )
-from ka_hf.errors import KAError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -205,7 +205,7 @@ import hashlib, sys, types
 ka_hf = types.ModuleType("ka_hf")  # skip ka_hf/__init__.py (it imports transformers): keeps this fast
 ka_hf.__path__ = ["ka_hf"]
 sys.modules["ka_hf"] = ka_hf
-from ka_hf.data import default_corpus
+from ka_hf.study.data import default_corpus
 digest = hashlib.sha256()
 for split in ("train", "validation", "test"):
     for text in default_corpus(split):

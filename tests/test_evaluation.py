@@ -1,4 +1,4 @@
-"""Tests for ka_hf.evaluation and examples/eval_ppl.py: KV vs KA perplexity on the same windows.
+"""Tests for ka_hf.study.evaluation and examples/eval_ppl.py: KV vs KA perplexity on the same windows.
 
 A tiny random-init GPT-2 with a BPE tokenizer trained on the offline corpus is saved once per module; the script
 runs as a subprocess (1 process, then torchrun with 2 CPU processes) and the error cases run concurrently.
@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ka_hf.data import count_scored_tokens, default_corpus, ppl_windows, tokenize_texts, train_tokenizer
 from ka_hf.errors import KAError
-from ka_hf.evaluation import KA_PERPLEXITY_METRIC, Mode, layer_sweep_modes, parse_modes, score_modes
-from ka_hf.evaluation.ppl import make_batches, prompt_length, segments
-from ka_hf.measure import Timer, peak_memory_bytes, reset_peak_memory
-from ka_hf.models import load_model, load_tokenizer, model_config
+from ka_hf.study.data import count_scored_tokens, default_corpus, ppl_windows, tokenize_texts, train_tokenizer
+from ka_hf.study.evaluation import KA_PERPLEXITY_METRIC, Mode, layer_sweep_modes, parse_modes, score_modes
+from ka_hf.study.evaluation.ppl import make_batches, prompt_length, segments
+from ka_hf.study.measure import Timer, peak_memory_bytes, reset_peak_memory
+from ka_hf.study.models import load_model, load_tokenizer, model_config
 
 from conftest import REPO_ROOT
 
@@ -279,7 +279,7 @@ def test_flag_errors_in_process(capsys):
 
 
 def test_adapter_dir_without_adapter_is_a_clear_error(model_and_windows, tmp_path):
-    from ka_hf.evaluation.run import load_adapter
+    from ka_hf.study.evaluation.run import load_checked_adapter
 
     with pytest.raises(KAError, match="no ka_hf adapter"):
-        load_adapter(tmp_path, model_and_windows[0], "cpu")
+        load_checked_adapter(tmp_path, model_and_windows[0], "cpu")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ka_hf.errors import KAError
-from ka_hf.experiment import PRESETS, ExperimentConfig, run_experiment
+from ka_hf.study.experiment import PRESETS, ExperimentConfig, run_experiment
 
 from conftest import REPO_ROOT
 
@@ -73,7 +73,7 @@ def test_command_line_reports_a_bad_file_clearly(tmp_path):
 
 
 def test_each_model_can_be_published_with_its_results(study):
-    from ka_hf import hub
+    from ka_hf.study import hub
 
     out, record = study
     found = hub.find_results(out / "train-ka" / "best")

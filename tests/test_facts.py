@@ -1,4 +1,4 @@
-"""Tests for ka_hf.facts: the reversal-curse facts, templates and answer-span labels."""
+"""Tests for ka_hf.study.facts: the reversal-curse facts, templates and answer-span labels."""
 
 import os
 import subprocess
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ka_hf.data import default_corpus, train_tokenizer
 from ka_hf.errors import KAError
-from ka_hf.facts import (
+from ka_hf.study.data import default_corpus, train_tokenizer
+from ka_hf.study.facts import (
     MAX_FACTS,
     TEMPLATES,
     Fact,
@@ -47,7 +47,7 @@ import sys, types
 ka_hf = types.ModuleType("ka_hf")  # skip ka_hf/__init__.py (it imports transformers): keeps this fast
 ka_hf.__path__ = ["ka_hf"]
 sys.modules["ka_hf"] = ka_hf
-from ka_hf.facts import make_facts
+from ka_hf.study.facts import make_facts
 print(repr(make_facts(50, seed=3)))
 """
 

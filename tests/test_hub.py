@@ -1,4 +1,5 @@
-"""Tests for ka_hf.hub and examples/push_to_hub.py: tiny models, real training/eval/reversal results, no network."""
+"""Tests for ka_hf.study.hub and examples/push_to_hub.py: tiny models, real training/eval/reversal results, no
+network."""
 
 import json
 from pathlib import Path
@@ -10,13 +11,14 @@ from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForCausalLM
 
 import ka_hf
-from ka_hf import hub
-from ka_hf.adapters import KAAdapter, fit_adapter_least_squares, save_adapter
-from ka_hf.data import default_corpus
+from ka_hf.adapters import KAAdapter, save_adapter
 from ka_hf.errors import KAError
-from ka_hf.evaluation import PplRun, run_ppl_eval
-from ka_hf.models import load_tokenizer, model_config
-from ka_hf.training import TrainConfig, train
+from ka_hf.study import hub
+from ka_hf.study.data import default_corpus
+from ka_hf.study.evaluation import PplRun, run_ppl_eval
+from ka_hf.study.fit_adapters import fit_adapter_least_squares
+from ka_hf.study.models import load_tokenizer, model_config
+from ka_hf.study.training import TrainConfig, train
 
 from conftest import load_script
 

@@ -267,8 +267,8 @@ def test_readme_quickstart_runs(tmp_path):
     """The README's quickstart, verbatim, on a tiny GPT-2 saved with a locally trained tokenizer."""
     import re
 
-    from ka_hf.data import train_tokenizer
-    from ka_hf.models import model_config
+    from ka_hf.study.data import train_tokenizer
+    from ka_hf.study.models import model_config
 
     tokenizer = train_tokenizer(["The capital of France is Paris."] * 20 + ["KA caches outputs."] * 20, vocab_size=300)
     torch.manual_seed(0)

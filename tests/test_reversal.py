@@ -1,4 +1,4 @@
-"""Tests for ka_hf.evaluation.reversal and examples/reversal_curse.py: forward vs backward PPL of fact sentences.
+"""Tests for ka_hf.study.evaluation.reversal and examples/reversal_curse.py: forward vs backward PPL of fact sentences.
 
 The PPL numbers are checked against an independent computation: a plain `model(input_ids, labels=...)` loss per
 sentence with -100 outside the span (under `ka_hf.exact_ka(model)` for ka). Exact match is checked on tiny models
@@ -7,6 +7,7 @@ trained here to memorize three facts, with standard attention (kv) and with exac
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ka_hf
-from ka_hf.data import train_tokenizer
 from ka_hf.errors import KAError
-from ka_hf.evaluation import Mode, parse_modes
-from ka_hf.evaluation.reversal import (
+from ka_hf.study.data import train_tokenizer
+from ka_hf.study.evaluation import Mode, parse_modes
+from ka_hf.study.evaluation.reversal import (
     answer_matches,
     greedy_continuations,
     prompt_batches,
@@ -27,8 +28,8 @@ from ka_hf.evaluation.reversal import (
     reversal_table,
     sentence_windows,
 )
-from ka_hf.facts import answer_span_labels, fact_sentences, make_facts, training_texts
-from ka_hf.models import model_config
+from ka_hf.study.facts import answer_span_labels, fact_sentences, make_facts, training_texts
+from ka_hf.study.models import model_config
 
 from conftest import REPO_ROOT, load_script
 
@@ -217,7 +218,8 @@ def test_script_end_to_end(model_dir, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), "--modes", "kv,ka,ka-hybrid",
                            "--out", str(out), "--threads", "1", "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])))  # this checkout's ka_hf
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "results.json").read_text())
     facts = record["facts"]

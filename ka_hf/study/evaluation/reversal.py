@@ -1,11 +1,11 @@
 """The reversal-curse evaluation (KA-SPEC §5): forward vs backward perplexity of fictitious facts, per mode.
 
-    from ka_hf.evaluation import parse_modes
-    from ka_hf.evaluation.reversal import reversal_metrics
+    from ka_hf.study.evaluation import parse_modes
+    from ka_hf.study.evaluation.reversal import reversal_metrics
     results = reversal_metrics(model, tokenizer, make_facts(100, seed=0), parse_modes("kv,ka"))
     results["kv"]["splits"]["test"]["answer_ratio"]
 
-A fact "A is B" (ka_hf.facts) is written forward ("Orwyn Quillmere is the composer of ...": the answer is the
+A fact "A is B" (ka_hf.study.facts) is written forward ("Orwyn Quillmere is the composer of ...": the answer is the
 description B) and backward ("The composer of ... is Orwyn Quillmere": the answer is the name A), with the
 training templates (split "train") or the held-out ones (split "test"). Every template puts the answer last.
 
@@ -37,14 +37,15 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import KAError
+from ka_hf.errors import KAError
+
 from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
 from .modes import Mode
 from .ppl import mode_context, batch_logits, collate, make_batches, prompt_length, token_nll
 
-SPLITS = ("test", "train")
+FACT_SPLITS = ("test", "train")
 DIRECTIONS = ("forward", "backward")
 TRAINED_ON = ("forward", "backward", "both", "none", "unknown")  # which directions were in training; none: a control
 SCORING = (
@@ -217,8 +218,8 @@ def score_reversal_mode(model, tokenizer, windows_by_part: dict, mode: Mode, ada
 def check_split(split: str) -> tuple[str, ...]:
     """'train' | 'test' | 'both' -> the template splits to evaluate."""
     if split == "both":
-        return SPLITS
-    if split not in SPLITS:
+        return FACT_SPLITS
+    if split not in FACT_SPLITS:
         raise KAError(f"unknown template split {split!r}: use train, test or both")
     return (split,)
 
@@ -229,8 +230,8 @@ def reversal_metrics(model, tokenizer, facts, modes, split: str = "both", adapte
     splits[split] = {forward, backward, ratio, gap, answer_ratio, answer_gap}; forward/backward = {sentences, ppl,
     mean_nll, tokens, answer_ppl, answer_mean_nll, answer_tokens, exact_match, exact_match_count}.
 
-    facts: ka_hf.facts.make_facts(n, seed) (the facts the model was trained on); modes: Mode objects
-    (ka_hf.evaluation.parse_modes); split: which templates, "train", "test" or "both".
+    facts: ka_hf.study.facts.make_facts(n, seed) (the facts the model was trained on); modes: Mode objects
+    (ka_hf.study.evaluation.parse_modes); split: which templates, "train", "test" or "both".
     """
     if not facts:
         raise KAError("no facts to evaluate: give at least one (make_facts(n, seed) with n >= 1)")

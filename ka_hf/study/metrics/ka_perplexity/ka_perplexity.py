@@ -2,7 +2,7 @@
 `evaluate` first. Works offline (it is a local file; nothing is downloaded):
 
     import evaluate
-    from ka_hf.evaluation import KA_PERPLEXITY_METRIC
+    from ka_hf.study.evaluation import KA_PERPLEXITY_METRIC
     ka_ppl = evaluate.load(KA_PERPLEXITY_METRIC)
     ka_ppl.compute(predictions=texts, model_id="runs/standard/best", modes="kv,ka")
 """
@@ -59,10 +59,10 @@ class KaPerplexity(evaluate.Metric):
                  method="parallel", batch_size=1, adapter=None, device=None):
         import torch
 
-        from ka_hf.data import ppl_windows, tokenize_texts
+        from ka_hf.study.data import ppl_windows, tokenize_texts
         from ka_hf.errors import KAError
-        from ka_hf.evaluation import parse_modes, score_modes
-        from ka_hf.models import load_model, load_tokenizer
+        from ka_hf.study.evaluation import parse_modes, score_modes
+        from ka_hf.study.models import load_model, load_tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model_id, str):

@@ -1,7 +1,7 @@
 """Evaluation: perplexity of every inference mode (kv, ka, ka-hybrid, ka@LAYERS, ka+adapter) on the same windows.
 
-    from ka_hf.evaluation import parse_modes, score_modes
-    records = score_modes(model, windows, parse_modes("kv,ka"))   # windows: ka_hf.data.ppl_windows(...)
+    from ka_hf.study.evaluation import parse_modes, score_modes
+    records = score_modes(model, windows, parse_modes("kv,ka"))   # windows: ka_hf.study.data.ppl_windows(...)
 
 `run_ppl_eval` is the whole job behind examples/eval_ppl.py; `KA_PERPLEXITY_METRIC` is the local path of the same
 metric as an `evaluate` module: `evaluate.load(KA_PERPLEXITY_METRIC)`.

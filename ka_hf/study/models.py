@@ -10,7 +10,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import KAError
+from ka_hf.errors import KAError
 
 ARCHITECTURES = ("gpt2", "gpt-neox", "llama", "mistral", "qwen2")
 

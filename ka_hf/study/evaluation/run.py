@@ -1,7 +1,7 @@
 """The eval_ppl job: load model and data, score every mode on the same windows, write results.json/.md and plots.
 
 `run_ppl_eval(PplRun(model=..., out=...))` is what examples/eval_ppl.py calls; the metrics themselves live in
-`ka_hf.evaluation.ppl`. Under several processes (torchrun, accelerate launch) every process loads the same data
+`ka_hf.study.evaluation.ppl`. Under several processes (torchrun, accelerate launch) every process loads the same data
 and scores its share of the windows; only the main process writes files and returns the record.
 """
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ka_hf.errors import KAError
+from ka_hf.integration import SUPPORTED_ARCHITECTURES
+
 from .. import report
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
-from ..errors import KAError
-from ..integration import SUPPORTED_ARCHITECTURES
 from ..models import load_model, load_tokenizer
 from .modes import DEFINITIONS, layer_sweep_modes, parse_modes
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
@@ -77,7 +78,7 @@ def _run(run: PplRun, accelerator) -> dict | None:
     if any(mode.needs_adapter for mode in parse_modes(run.modes)) and run.adapter is None:  # before loading
         raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
     model = load_model(run.model, dtype=DTYPES[run.dtype], device=accelerator.device)
-    adapter = load_adapter(run.adapter, model, accelerator.device) if run.adapter else None
+    adapter = load_checked_adapter(run.adapter, model, accelerator.device) if run.adapter else None
     modes = parse_modes(run.modes, model.config.num_hidden_layers)
     check_model(model, modes, run)
     tokenizer = load_tokenizer(run.tokenizer or run.model)
@@ -109,11 +110,11 @@ def _run(run: PplRun, accelerator) -> dict | None:
 # inputs
 
 
-def load_adapter(path, model, device):
+def load_checked_adapter(path, model, device):
     """The plan-1 adapter saved in `path`, checked against `model`."""
-    from ..adapters import load_adapter as load
+    from ka_hf.adapters import load_adapter
 
-    adapter = load(path, device=device)
+    adapter = load_adapter(path, device=device)
     adapter.check_model(model)
     return adapter
 
@@ -141,7 +142,7 @@ def load_windows(run: PplRun, tokenizer):
     elif run.dataset:
         source = f"{run.dataset} ({run.dataset_config}) [{run.split}]"
     else:
-        source = f"ka_hf.data.default_corpus('{run.split}') (offline stdlib docstrings)"
+        source = f"ka_hf.study.data.default_corpus('{run.split}') (offline stdlib docstrings)"
     data = dict(source=source, texts=len(texts), tokens=len(ids), text_column=run.text_column,
                 joined="texts tokenized without special tokens and joined with eos between them",
                 tokenizer=run.tokenizer or run.model, vocabulary=len(tokenizer))

@@ -4,7 +4,7 @@ model and its inference modes."""
 import functools
 import sys
 
-from .errors import KAError
+from ka_hf.errors import KAError
 
 
 def user_errors_exit_2(main):

@@ -1,4 +1,4 @@
-"""DIR/report.md, DIR/results.json and the PNGs of a study run (`ka_hf.experiment`).
+"""DIR/report.md, DIR/results.json and the PNGs of a study run (`ka_hf.study.experiment`).
 
 Structured like the original experiment report (../seed in the project's history): configuration, per-epoch
 training tables, the inference table with degradation in %, the training-vs-inference table, then what the

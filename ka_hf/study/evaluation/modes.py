@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from transformers import DynamicCache
 
-from ..cache import KACache
-from ..errors import KAError
+from ka_hf.cache import KACache
+from ka_hf.errors import KAError
 
 KINDS = ("kv", "ka", "ka-hybrid", "ka+adapter")
 

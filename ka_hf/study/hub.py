@@ -1,7 +1,7 @@
 """Publishing on the Hugging Face Hub: a KA-trained model, or a model with its plan-1 adapter, with a model card
 that carries its results and says how to run it; and loading it back.
 
-    from ka_hf import hub
+    from ka_hf.study import hub
     results = hub.find_results("runs/ka/best")        # {"train": Path, "eval": Path, "reversal": Path}, as found
     hub.assemble_folder("runs/ka/best", "runs/ka/hub", results, repo_id="USER/NAME")
     hub.push("runs/ka/hub", "USER/NAME", private=True)             # create_repo + upload_folder
@@ -26,17 +26,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from ka_hf.adapters import CONFIG_NAME as ADAPTER_CONFIG
+from ka_hf.adapters import FORMAT as ADAPTER_FORMAT
+from ka_hf.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from ka_hf.adapters import attention_shape, load_adapter
+from ka_hf.errors import KAError
+from ka_hf.integration import SUPPORTED_ARCHITECTURES
+
 from . import report
-from .adapters import CONFIG_NAME as ADAPTER_CONFIG
-from .adapters import FORMAT as ADAPTER_FORMAT
-from .adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
-from .adapters import attention_shape, load_adapter
-from .errors import KAError
-from .integration import SUPPORTED_ARCHITECTURES
 
 # One copy of the templates: model_cards/ of the repository (a checkout or `pip install -e .`); a wheel installs
 # the same files as data under <prefix>/share/ka_hf/model_cards (pyproject.toml's data-files).
-_TEMPLATE_DIRS = (Path(__file__).resolve().parents[1] / "model_cards",
+_TEMPLATE_DIRS = (Path(__file__).resolve().parents[2] / "model_cards",
                   Path(sys.prefix) / "share" / "ka_hf" / "model_cards")
 TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
 TEMPLATES = {"model": "ka_model.md.j2", "adapter": "ka_adapter.md.j2"}
@@ -124,7 +125,7 @@ def _read_json(path) -> dict:
 
 
 def results_kind(record: dict) -> str | None:
-    """Which writer made a results.json, from its shape: "train" (ka_hf.training), "eval" (eval_ppl),
+    """Which writer made a results.json, from its shape: "train" (ka_hf.study.training), "eval" (eval_ppl),
     "reversal" (reversal_curse.py), "adapter_fit" (fit_adapter.py), or None."""
     results = record.get("results")
     if isinstance(record.get("epochs"), list) and "best_val_ppl" in record:
@@ -471,7 +472,7 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _prepare_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+def _prepare_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise KAError(f"{out_dir} exists and is not empty: choose another folder or pass --overwrite")
@@ -493,7 +494,7 @@ def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     results = {key: Path(path) for key, path in (results or {}).items() if path is not None}
     inputs = [model_dir, *results.values()] + ([Path(adapter_dir)] if adapter_dir is not None else [])
-    _prepare_out_dir(out_dir, inputs, overwrite)
+    _prepare_upload_dir(out_dir, inputs, overwrite)
     files = [_copy(path, out_dir / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
     files += [_copy(path, out_dir / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
     if adapter_dir is not None:

@@ -138,7 +138,7 @@ DEFAULT_CORPUS_MODULES = tuple(sorted("""
     xml.etree.ElementTree zipapp zipfile
 """.split()))
 MIN_DOC_CHARS = 80  # shorter docstrings are mostly one-line labels ("Return self.")
-DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+DEFINITION_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def default_corpus(split):
@@ -195,11 +195,11 @@ def _module_source(stdlib, module):
 def _documented_nodes(module, tree):
     yield module, tree
     for node in tree.body:
-        if isinstance(node, DEFINITIONS) and not node.name.startswith("_"):
+        if isinstance(node, DEFINITION_NODES) and not node.name.startswith("_"):
             yield f"{module}.{node.name}", node
             if isinstance(node, ast.ClassDef):
                 for member in node.body:
-                    if isinstance(member, DEFINITIONS) and not member.name.startswith("_"):
+                    if isinstance(member, DEFINITION_NODES) and not member.name.startswith("_"):
                         yield f"{module}.{node.name}.{member.name}", member
 
 

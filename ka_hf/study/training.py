@@ -1,6 +1,6 @@
 """Training a causal LM with standard or exact KA attention: the original study's protocol, one call.
 
-    from ka_hf.training import TrainConfig, train
+    from ka_hf.study.training import TrainConfig, train
     result = train(TrainConfig(out="runs/ka", attention="ka"))
     print(result.best_val_ppl, result.best_dir)
 
@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ka_hf.errors import KAError
+from ka_hf.integration import enable_ka
+
 from . import report
 from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
-from .errors import KAError
-from .integration import enable_ka
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
 
 ATTENTIONS = ("standard", "ka")
@@ -64,7 +65,7 @@ class TrainConfig:
     num_kv_heads: int | None = None
     intermediate_size: int = 2048
     rotary_pct: float = 0.25
-    model_config: str | None = None  # a JSON file: an HF config.json, or ka_hf.models.model_config keyword args
+    model_config: str | None = None  # a JSON file: an HF config.json, or ka_hf.study.models.model_config keyword args
     model: str | None = None  # a local checkpoint or Hub id to fine-tune
     tokenizer: str | None = None  # None: train a byte-level BPE on the training split (or the model's own)
     vocab_size: int = 8192
@@ -214,7 +215,7 @@ def from_scratch_config(config: TrainConfig, tokenizer):
         values["vocab_size"] = len(tokenizer)
         if "model_type" in values:  # an HF config.json
             model_config_ = AutoConfig.for_model(values.pop("model_type"), **values)
-        else:  # keyword arguments of ka_hf.models.model_config, with "arch"
+        else:  # keyword arguments of ka_hf.study.models.model_config, with "arch"
             model_config_ = model_config(values.pop("arch", config.arch), **values)
     else:
         model_config_ = model_config(
@@ -342,7 +343,7 @@ def load_train_config(out_dir) -> TrainConfig:
     return TrainConfig.from_dict(json.loads(path.read_text()))
 
 
-def _prepare_out_dir(config: TrainConfig, resume: bool, overwrite: bool, accelerator) -> Path:
+def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool, accelerator) -> Path:
     """Check `out` (every process, before anything is written), then let the main process set it up."""
     out = Path(config.out)
     if resume and not (out / "last" / TRAINER_STATE).is_file():
@@ -374,7 +375,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
 
     check_config(config)
     accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
-    out = _prepare_out_dir(config, resume, overwrite, accelerator)
+    out = _prepare_run_dir(config, resume, overwrite, accelerator)
     log = accelerator.print
 
     train_texts, val_texts, source = load_data_texts(config)

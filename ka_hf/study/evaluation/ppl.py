@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..cache import cache_nbytes
+from ka_hf.cache import cache_nbytes
+from ka_hf.errors import KAError
+from ka_hf.integration import without_ka
+
 from ..data import count_scored_tokens
-from ..errors import KAError
-from ..integration import without_ka
 from ..measure import Timer, peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from .modes import Mode
 

@@ -1,0 +1,426 @@
+"""The whole KA study in one command: train, fit adapters, evaluate every model x mode, write the report.
+
+    python -m ka_hf.experiment --preset quick --out runs/quick      # offline, 2-core CPU, under 10 minutes
+    python -m ka_hf.experiment --preset seed --out runs/seed        # the original protocol, for a GPU
+
+The path from data to report, in order (each step's work lives in its own module):
+
+1. data        the LM corpus (offline default: ka_hf.study.data.default_corpus; or --text-file / --dataset) with the
+               reversal-curse facts (ka_hf.study.facts) mixed into its training split, written to DIR/data/*.txt so
+               every later step (and anyone re-running one) reads the same text
+2. tokenizer   one byte-level BPE trained on the training text, shared by both models (same tokens, same PPLs)
+3. training    the standard-attention model and the exact-KA model (ka_hf.study.training, same data, same seed)
+4. adapters    plan 1 on the standard model: least squares A -> V, then distillation (ka_hf.study.fit_adapters)
+5. evaluation  every model x mode on the same validation windows (ka_hf.study.evaluation): PPL, tokens/s, time,
+               memory, cache bytes, NLL by position, a layer sweep
+6. reversal    forward/backward PPL of the facts per model x mode (ka_hf.study.evaluation.reversal)
+7. report      DIR/report.md (structured like the original experiment report), DIR/results.json, PNGs
+
+Every number in the report comes from this run; the sentences that interpret them are generated from them.
+"""
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ka_hf.adapters import save_adapter
+from ka_hf.errors import KAError
+
+from . import report
+from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
+from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
+from .evaluation.ppl import add_degradation
+from .evaluation.reversal import reversal_metrics
+from .evaluation.run import position_gaps
+from .facts import make_facts, training_texts
+from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
+from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
+from .training import TrainConfig, epoch_notes, train
+
+@dataclass
+class ExperimentConfig:
+    """One study run. The defaults are the `quick` preset: a 2-core CPU, no network, well under 10 minutes — a
+    small GPT-NeoX (the original's family, partial rotary) on short blocks, with a higher learning rate than the
+    protocol so that a few epochs learn something."""
+
+    out: str
+    preset: str = "quick"
+    # model and protocol
+    arch: str = "gpt-neox"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 512
+    rotary_pct: float = 0.25
+    vocab_size: int = 2048
+    seq_len: int = 64
+    samples: int = 3200
+    val_samples: int | None = 128
+    epochs: int = 5
+    patience: int = 1
+    lr: float = 2e-3
+    batch_size: int = 16
+    seed: int = 0
+    # data (neither text_file nor dataset: the offline default corpus)
+    text_file: str | None = None
+    val_text_file: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    text_column: str = "text"
+    # reversal-curse facts mixed into the training text
+    facts: int = 100
+    facts_seed: int = 0
+    facts_include: str = "forward"
+    # evaluation: overlapping windows, so that ka-hybrid has a real prompt (the window's context half)
+    eval_max_length: int = 64
+    eval_stride: int = 32
+    eval_max_windows: int | None = 128
+    reversal_split: str = "both"
+    # adapters (plan 1)
+    adapter_fit_blocks: int = 32
+    distill_steps: int = 60
+    distill_batch: int = 4
+    progress: bool = True
+    cpu: bool = False
+
+    @classmethod
+    def from_preset(cls, preset: str, out: str, **overrides) -> "ExperimentConfig":
+        """The preset's values, then `overrides` (None values ignored)."""
+        if preset not in PRESETS:
+            raise KAError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(out=out, preset=preset, **values)
+
+
+PRESETS = {
+    "quick": {},  # the ExperimentConfig defaults
+    # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
+    # patience 1. Meant for a GPU.
+    "seed": dict(
+        **PYTHIA_70M_SHAPE, vocab_size=8192, seq_len=128, samples=5000, val_samples=None, epochs=10, patience=1,
+        lr=1e-4, batch_size=8, facts=500, eval_max_length=128, eval_stride=64, eval_max_windows=None,
+        adapter_fit_blocks=256, distill_steps=300, distill_batch=8,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1-2. data and tokenizer
+
+
+def _one_line(text: str) -> str:
+    """A .txt corpus is one text per line: a text's own line breaks become spaces."""
+    return " ".join(text.split())
+
+
+def prepare_data(config: ExperimentConfig, out: Path) -> dict:
+    """Write DIR/data/train.txt (corpus + facts, shuffled) and validation.txt; return what was written."""
+    if config.text_file:
+        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
+        if config.val_text_file:
+            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
+        else:  # the last tenth of the texts validates
+            cut = max(1, len(train_texts) * 9 // 10)
+            train_texts, val_texts = train_texts[:cut], train_texts[cut:]
+        source = config.text_file
+    elif config.dataset:
+        train_texts = load_texts(config.dataset, config.dataset_config, "train", text_column=config.text_column)
+        val_texts = load_texts(config.dataset, config.dataset_config, "validation", text_column=config.text_column)
+        source = f"{config.dataset} ({config.dataset_config})"
+    else:
+        train_texts, val_texts = default_corpus("train"), default_corpus("validation")
+        source = "ka_hf.study.data.default_corpus (Python standard-library docstrings, offline)"
+    if not val_texts:
+        raise KAError("no validation text: give --val-text-file or a longer --text-file")
+
+    facts = make_facts(config.facts, config.facts_seed)
+    fact_texts = training_texts(facts, include=config.facts_include, seed=config.facts_seed) if facts else []
+    corpus = [_one_line(text) for text in train_texts + fact_texts]
+    random.Random(config.seed).shuffle(corpus)  # facts spread through the epochs, not in one block
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "train.txt").write_text("\n".join(corpus) + "\n")
+    (data_dir / "validation.txt").write_text("\n".join(_one_line(t) for t in val_texts) + "\n")
+    return dict(source=source, train_texts=len(train_texts), validation_texts=len(val_texts),
+                fact_texts=len(fact_texts), facts=dict(n=config.facts, seed=config.facts_seed,
+                                                        include=config.facts_include),
+                train_file=str(data_dir / "train.txt"), validation_file=str(data_dir / "validation.txt"))
+
+
+def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path) -> Path:
+    texts = Path(data["train_file"]).read_text().splitlines()
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out / "tokenizer"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. training
+
+
+def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path):
+    train_config = TrainConfig(
+        out=str(out / f"train-{attention}"), attention=attention, arch=config.arch, num_layers=config.num_layers,
+        hidden_size=config.hidden_size, num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+        rotary_pct=config.rotary_pct, tokenizer=str(tokenizer_dir), text_file=data["train_file"],
+        val_text_file=data["validation_file"], samples=config.samples, val_samples=config.val_samples,
+        seq_len=config.seq_len, epochs=config.epochs, patience=config.patience, lr=config.lr,
+        batch_size=config.batch_size, seed=config.seed, cpu=config.cpu, progress=config.progress,
+    )
+    result = train(train_config, overwrite=True)
+    _record_facts(result.best_dir, data["facts"])
+    return result
+
+
+def _record_facts(model_dir: Path, facts: dict) -> None:
+    """config.ka["training"]["facts"]: which facts the model saw (read back by examples/reversal_curse.py)."""
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    section = config.setdefault("ka", {})
+    section.setdefault("training", {})["facts"] = facts
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. adapters
+
+
+def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Path) -> dict:
+    """Least squares, then distillation starting from it, on training blocks of the standard model."""
+    texts = Path(data["train_file"]).read_text().splitlines()
+    blocks = lm_blocks(tokenize_texts(texts[: 4 * config.adapter_fit_blocks], tokenizer), config.seq_len,
+                       config.adapter_fit_blocks)
+    device = next(model.parameters()).device
+    batches = [batch.to(device) for batch in blocks.split(config.distill_batch)]
+    started = time.perf_counter()
+    least_squares = fit_adapter_least_squares(model, batches, progress=config.progress)
+    fit_seconds = time.perf_counter() - started
+    save_adapter(least_squares, out / "adapters" / "least-squares")
+
+    distilled = copy.deepcopy(least_squares)  # distillation starts from the least-squares fit
+    history = distill_adapter(model, distilled, batches, steps=config.distill_steps, progress=config.progress)
+    save_adapter(distilled, out / "adapters" / "distilled")
+    return dict(
+        adapters={"least-squares": least_squares, "distilled": distilled},
+        record=dict(fit_blocks=len(blocks), seq_len=config.seq_len, least_squares_seconds=fit_seconds,
+                    distill_steps=config.distill_steps, distill_seconds=history[-1]["seconds"],
+                    first_kl=history[0]["kl"], last_kl=history[-1]["kl"],
+                    dirs={name: str(out / "adapters" / name) for name in ("least-squares", "distilled")}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5-6. evaluation
+
+
+def validation_windows(config: ExperimentConfig, data: dict, tokenizer) -> list[dict]:
+    texts = load_texts(text_file=data["validation_file"])
+    windows = ppl_windows(tokenize_texts(texts, tokenizer), config.eval_max_length, config.eval_stride)
+    windows = [window for window in windows if count_scored_tokens([window]) > 0]
+    return windows[: config.eval_max_windows] if config.eval_max_windows else windows
+
+
+def evaluate_model(model, windows, modes, adapters=None, progress=True) -> list[dict]:
+    """score_modes on the same windows; each adapter becomes a mode 'ka+adapter(name)'."""
+    records = score_modes(model, windows, modes, progress=progress)
+    for name, adapter in (adapters or {}).items():
+        record = score_modes(model, windows, [Mode("ka+adapter")], adapter=adapter, progress=progress)[0]
+        records.append(record | {"mode": f"ka+adapter({name})"})
+    return add_degradation(records)
+
+
+def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
+    results = reversal_metrics(model, tokenizer, facts, modes, split=config.reversal_split, progress=config.progress)
+    for name, adapter in (adapters or {}).items():
+        extra = reversal_metrics(model, tokenizer, facts, [Mode("ka+adapter")], split=config.reversal_split,
+                                 adapter=adapter, progress=config.progress)
+        results[f"ka+adapter({name})"] = extra["ka+adapter"]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole study
+
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    """Run every step; returns the results record (also written to DIR/results.json with DIR/report.md)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings = {}
+
+    def step(name):
+        timings[name] = time.perf_counter() - step.last
+        step.last = time.perf_counter()
+
+    step.last = started
+    data = prepare_data(config, out)
+    tokenizer_dir = train_shared_tokenizer(config, data, out)
+    step("data and tokenizer")
+    trained = {attention: train_model(config, data, tokenizer_dir, attention, out) for attention in ("standard", "ka")}
+    step("training")
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    standard = load_model(str(trained["standard"].best_dir), device=device)
+    ka_model = load_model(str(trained["ka"].best_dir), device=device)
+    fitted = fit_adapters(config, standard, tokenizer, data, out)
+    step("adapters")
+
+    windows = validation_windows(config, data, tokenizer)
+    num_layers = standard.config.num_hidden_layers
+    inference = {
+        "standard": evaluate_model(standard, windows, parse_modes("kv,ka,ka-hybrid", num_layers),
+                                   fitted["adapters"], config.progress),
+        "ka": evaluate_model(ka_model, windows, parse_modes("kv,ka", num_layers), progress=config.progress),
+    }
+    kv_ppl = next(r["ppl"] for r in inference["standard"] if r["mode"] == "kv")
+    sweep = add_degradation(
+        score_modes(standard, windows, layer_sweep_modes(num_layers, "prefix"), progress=config.progress), kv_ppl)
+    step("evaluation")
+
+    facts = make_facts(config.facts, config.facts_seed)
+    reversal = {
+        "standard": reversal_for(standard, tokenizer, facts, parse_modes("kv,ka,ka-hybrid"), fitted["adapters"],
+                                 config),
+        "ka": reversal_for(ka_model, tokenizer, facts, parse_modes("kv,ka"), None, config),
+    }
+    step("reversal")
+
+    record = dict(
+        title="KA cache study",
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        command=f"python -m ka_hf.experiment --preset {config.preset} --out {config.out}",
+        config=dataclasses.asdict(config),
+        data=data,
+        model=dict(model_type=standard.config.model_type, parameters=sum(p.numel() for p in standard.parameters()),
+                   num_layers=num_layers, hidden_size=standard.config.hidden_size,
+                   num_heads=standard.config.num_attention_heads, vocabulary=len(tokenizer)),
+        training={attention: dict(epochs=epoch_notes(result.records, result.best_epoch),
+                                  best_epoch=result.best_epoch, best_val_ppl=result.best_val_ppl,
+                                  train_seconds=result.train_seconds, stopped_early=result.stopped_early,
+                                  best_dir=str(result.best_dir))
+                  for attention, result in trained.items()},
+        adapters=fitted["record"],
+        windows=dict(count=len(windows), max_length=config.eval_max_length, stride=config.eval_stride,
+                     scored_tokens=count_scored_tokens(windows), source=data["validation_file"]),
+        inference=inference,
+        layer_sweep=sweep,
+        reversal=reversal,
+        environment=report.environment(),
+    )
+    timings["total"] = time.perf_counter() - started
+    record["timings_s"] = timings
+    record["findings"] = findings(record)
+    from .experiment_report import write_experiment_report
+
+    record["files"] = write_experiment_report(record, out)
+    for attention, result in trained.items():
+        write_model_results(record, attention, result.best_dir)
+    return record
+
+
+def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
+    """Each model's own eval and reversal results.json, in eval_ppl's and reversal_curse's shapes, next to its
+    checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
+    run_dir = Path(model_dir).parent
+    model = dict(path=str(model_dir))
+    windows = record["windows"]
+    report.write_json(run_dir / "eval" / "results.json", dict(
+        command=record["command"], model=model, method="parallel", windows=windows,
+        run=dict(model=str(model_dir), text_file=windows["source"], split="validation",
+                 max_length=windows["max_length"], stride=windows["stride"]),
+        results=record["inference"][attention], environment=record["environment"]))
+    facts = record["data"]["facts"]
+    report.write_json(run_dir / "reversal" / "results.json", dict(
+        command=record["command"], model=model, results=record["reversal"][attention],
+        facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
+        splits=["test", "train"] if record["config"]["reversal_split"] == "both" else [record["config"]["reversal_split"]],
+        environment=record["environment"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# interpretation, generated from the numbers
+
+
+def _by_mode(records):
+    return {record["mode"]: record for record in records}
+
+
+def findings(record: dict) -> dict:
+    """The comparisons the report's prose states, computed here so the text and the JSON agree."""
+    standard = _by_mode(record["inference"]["standard"])
+    ka_trained = _by_mode(record["inference"]["ka"])
+    kv, ka, hybrid = standard["kv"]["ppl"], standard["ka"]["ppl"], standard["ka-hybrid"]["ppl"]
+    result = dict(
+        kv_ppl=kv, ka_cache_ppl=ka, ka_cache_degradation_pct=standard["ka"]["degradation_pct"],
+        hybrid_ppl=hybrid, hybrid_degradation_pct=standard["ka-hybrid"]["degradation_pct"],
+        ka_trained_ppl=ka_trained["ka"]["ppl"], ka_trained_vs_standard_pct=(ka_trained["ka"]["ppl"] / kv - 1) * 100,
+        ka_trained_under_kv_ppl=ka_trained["kv"]["ppl"],
+        train_time_ratio=record["training"]["ka"]["train_seconds"] / record["training"]["standard"]["train_seconds"],
+        adapters={name.removeprefix("ka+adapter(").rstrip(")"): dict(
+            ppl=r["ppl"], degradation_pct=r["degradation_pct"], gap_recovered=gap_recovered(kv, ka, r["ppl"]))
+            for name, r in standard.items() if name.startswith("ka+adapter(")},
+    )
+    sweep = [r["ppl"] for r in record["layer_sweep"]]
+    result["sweep_ppl"] = sweep
+    result["sweep_monotone"] = all(b >= a for a, b in zip(sweep, sweep[1:]))
+    result["position_gap"] = position_gaps(standard["ka"], standard["kv"])  # {"positions a-b": nats}
+    result["reversal"] = {model: {mode: dict(ratio=r["splits"][s]["ratio"], answer_ratio=r["splits"][s]["answer_ratio"])
+                                  for mode, r in modes.items() for s in [_reversal_split(r)]}
+                          for model, modes in record["reversal"].items()}
+    return result
+
+
+def _reversal_split(mode_record) -> str:
+    return "test" if "test" in mode_record["splits"] else next(iter(mode_record["splits"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    from .cli import user_errors_exit_2
+
+    parser = argparse.ArgumentParser(prog="python -m ka_hf.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=list(PRESETS))
+    parser.add_argument("--out", default="runs/quick", help="output directory (default: runs/quick)")
+    parser.add_argument("--text-file", help="train on this text file instead of the offline default corpus")
+    parser.add_argument("--val-text-file", help="validation text (default: the last tenth of --text-file)")
+    parser.add_argument("--dataset", help="a Hub dataset name (needs network) with train/validation splits")
+    parser.add_argument("--dataset-config")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--facts", type=int, help="number of reversal-curse facts mixed into training")
+    parser.add_argument("--facts-include", choices=["forward", "backward", "both"])
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--samples", type=int, help="training blocks")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    @user_errors_exit_2
+    def run():
+        config = ExperimentConfig.from_preset(
+            args.preset, args.out, text_file=args.text_file, val_text_file=args.val_text_file, dataset=args.dataset,
+            dataset_config=args.dataset_config, text_column=args.text_column, facts=args.facts,
+            facts_include=args.facts_include, epochs=args.epochs, samples=args.samples, seed=args.seed,
+            cpu=args.cpu or None, progress=not args.no_progress)
+        record = run_experiment(config)
+        print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
