@@ -82,7 +82,7 @@ def measure(kind: str, mode: str, length: int, args) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     import ka_hf
-    from ka_hf.models import model_config
+    from ka_hf.study.models import model_config
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -19,34 +19,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ka_hf
-import ka_hf.integration
-from ka_hf.ops import ka_attention_naive
 from ka_hf.study import report
 from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 
-def token_loop(q, k, v, past, allowed, scale, softcap, variant, dropout_p, block_size):
-    return ka_attention_naive(q, k, v, past, allowed, scale, softcap, variant)
-
-
 def make_step(model, optimizer, input_ids, kind, device):
-    parallel = ka_hf.integration.ka_attention
-
     def step() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        if kind == "ka loop":
-            ka_hf.integration.ka_attention = token_loop
-        try:
-            if kind == "standard":
+        if kind == "standard":
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        else:
+            with ka_hf.exact_ka(model, kernel="loop" if kind == "ka loop" else "auto"):
                 loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            else:
-                with ka_hf.exact_ka(model):
-                    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            loss.backward()
-        finally:
-            ka_hf.integration.ka_attention = parallel
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
