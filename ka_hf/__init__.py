@@ -5,7 +5,7 @@ outputs, exactly (KA-SPEC §2) and in parallel (§3).
     model.generate(**inputs, past_key_values=ka_hf.KACache())
 """
 
-from .cache import KACache, KALayer, KAWindowLayer, cache_nbytes
+from .cache import KACache, KALayer, KAWindowLayer, KVWindowCache, cache_nbytes
 from .errors import KAError
 from .integration import (
     SUPPORTED_ARCHITECTURES,
@@ -27,6 +27,7 @@ __all__ = [
     "KAError",
     "KALayer",
     "KAWindowLayer",
+    "KVWindowCache",
     "SUPPORTED_ARCHITECTURES",
     "cache_nbytes",
     "disable_ka",

@@ -59,6 +59,8 @@ class KALayer(DynamicLayer):
     outputs (`store_outputs`). With an adapter the stored outputs are f(A), which is what later tokens attend over.
     """
 
+    holds = "outputs"  # what the value slots keep: "outputs" (A) or, in a KVWindowCache, "values" (V)
+
     def __init__(self, num_query_heads: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_query_heads = num_query_heads
@@ -97,7 +99,9 @@ class KALayer(DynamicLayer):
         if outputs.shape[-2] != self.pending:
             raise RuntimeError(f"expected outputs for {self.pending} new tokens, got {outputs.shape[-2]}")
         n_past = self.values.shape[-2] - self.pending
-        if torch.is_grad_enabled() and (outputs.requires_grad or self.values.requires_grad):
+        if self.holds == "values":  # the values stay; nothing to overwrite
+            pass
+        elif torch.is_grad_enabled() and (outputs.requires_grad or self.values.requires_grad):
             self.values = torch.cat([self.values[..., :n_past, :], outputs], dim=-2)  # keep autograd history
             self._value_buffer = None
         else:
@@ -124,9 +128,10 @@ class KAWindowLayer(KALayer):
     this is exact and equal to keeping the whole history, as `DynamicSlidingWindowLayer` is for K, V.
     """
 
-    def __init__(self, window: int, sink: int = 0, num_query_heads: int | None = None, **kwargs):
+    def __init__(self, window: int, sink: int = 0, num_query_heads: int | None = None, holds: str = "outputs",
+                 **kwargs):
         super().__init__(num_query_heads=num_query_heads, **kwargs)
-        self.window, self.sink = window, sink
+        self.window, self.sink, self.holds = window, sink, holds
         self.cumulative_length = 0  # tokens seen, evicted or not: positions and generate()'s cache_position
         self.positions: torch.Tensor | None = None  # absolute position of each row of keys / values
 
@@ -212,6 +217,8 @@ class ModelSignature:
 
 
 class KACache(Cache):
+    attends_values = False  # a KVWindowCache runs standard attention over its cached values
+
     """A cache of keys and attention outputs (K, A) for exact KA inference with any supported HF model.
 
         model.generate(**inputs, past_key_values=KACache())
@@ -315,6 +322,30 @@ class KACache(Cache):
                 "use a new KACache for a new batch."
             )
         return layer.update(key_states, value_states, *args, **kwargs)
+
+
+class KVWindowCache(KACache):
+    """The KV counterpart of `KACache(window=, sink=)` (StreamingLLM style, positions not renumbered): standard
+    attention over a bounded cache of keys and *values* (per key-value head) of the first `sink` tokens and the
+    last `window - 1`. Evicted tokens are simply gone. For comparisons at equal cache memory:
+
+        model.generate(**inputs, past_key_values=ka_hf.KVWindowCache(window=1024, sink=4))
+    """
+
+    attends_values = True
+
+    def __init__(self, window: int, sink: int = 0):
+        if window is None:
+            raise KAError("KVWindowCache(window=...) needs a window: for an unbounded KV cache use DynamicCache()")
+        super().__init__(window=window, sink=sink)
+
+    def __repr__(self):
+        return f"KVWindowCache(window={self.window}, sink={self.sink}, seq_len={self.get_seq_length()})"
+
+    def _new_layer(self, layer_idx: int):
+        native = self._native_windows[layer_idx] if layer_idx < len(self._native_windows) else None
+        return KAWindowLayer(window=min(w for w in (self.window, native) if w is not None), sink=self.sink,
+                             holds="values")
 
 
 def _native_windows(config) -> list[int | None]:

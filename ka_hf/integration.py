@@ -250,7 +250,9 @@ def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scal
     n_new = query.shape[-2]
     new_values = values[..., -n_new:, :]  # already expanded to query heads: a GQA group reads one kv head
     adapter = cache.adapter
-    if cache.prefill == "standard" and past_outputs is None:
+    if cache.attends_values:  # KVWindowCache: standard attention over the kept keys and values
+        outputs = standard_attention(query, keys, values, allowed, scale, softcap)
+    elif cache.prefill == "standard" and past_outputs is None:
         outputs = standard_attention(query, keys, new_values, allowed, scale, softcap)
     elif n_new == 1 and cache.variant == "ka" and cache.kernel != "loop":
         outputs = ka_decode_step(query, keys, values, allowed, scale, softcap)

@@ -283,3 +283,47 @@ def test_adapter_dir_without_adapter_is_a_clear_error(model_and_windows, tmp_pat
 
     with pytest.raises(KAError, match="no ka_hf adapter"):
         load_checked_adapter(tmp_path, model_and_windows[0], "cpu")
+
+
+# -----------------------------------------------------------------------------
+# window modes (bounded caches)
+
+
+def test_window_modes_parse_and_name():
+    modes = parse_modes("kv-window@16,ka-window@16+2")
+    assert [m.name for m in modes] == ["kv-window@16", "ka-window@16+2"]
+    assert (modes[1].window, modes[1].sink) == (16, 2) and modes[1].uses_ka and not modes[0].uses_ka
+    for bad in ("ka-window", "ka-window@", "kv-window@0", "ka-window@4+x", "ka-window@-3"):
+        with pytest.raises(KAError, match="window size"):
+            parse_modes(bad)
+
+
+def test_window_modes_score_exactly_the_windowed_reference(model_and_windows):
+    """A window as long as the scoring window changes nothing; a short one equals one uncached pass under the
+    window-with-sinks mask (KA computed by the reference loop); parallel = token by token; bytes are bounded."""
+    import ka_hf
+    from ka_hf.study.evaluation.ppl import token_nll
+
+    model, windows = model_and_windows
+    wide = score_modes(model, windows, parse_modes("kv,ka,kv-window@32,ka-window@32"), progress=False)
+    by_mode = {record["mode"]: record for record in wide}
+    assert by_mode["kv-window@32"]["ppl"] == pytest.approx(by_mode["kv"]["ppl"], rel=RTOL)
+    assert by_mode["ka-window@32"]["ppl"] == pytest.approx(by_mode["ka"]["ppl"], rel=RTOL)
+
+    modes = parse_modes("kv-window@6+2,ka-window@6+2")
+    parallel = score_modes(model, windows, modes, "parallel", progress=False)
+    assert_same_ppl(parallel, score_modes(model, windows, modes, "token", progress=False))
+    for record, attention in zip(parallel, ("standard", "ka")):
+        nll_sum, tokens = 0.0, 0
+        for window in windows:
+            ids, labels = window["input_ids"][None], window["labels"][None]
+            mask = ka_hf.window_attention_mask(torch.ones_like(ids), window=6, sink=2)
+            with torch.no_grad(), ka_hf.exact_ka(model, kernel="loop") if attention == "ka" else ka_hf.without_ka(model):
+                nll, scored = token_nll(model(ids, attention_mask=mask, use_cache=False).logits, labels)
+            nll_sum, tokens = nll_sum + float(nll[scored].sum()), tokens + int(scored.sum())
+        assert record["ppl"] == pytest.approx(math.exp(nll_sum / tokens), rel=RTOL), record["mode"]
+        assert record["window"] == 6 and record["sink"] == 2
+    kv_window, ka_window = parallel
+    assert abs(kv_window["ppl"] / by_mode["kv"]["ppl"] - 1) > 1e-5  # the window really bites (random model: a little)
+    # bounded: 2 sinks + 5 recent tokens per layer; K, V per kv head vs K, A per query head (MHA: equal)
+    assert kv_window["cache_bytes"] == ka_window["cache_bytes"] < by_mode["kv"]["cache_bytes"] / 3

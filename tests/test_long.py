@@ -184,3 +184,26 @@ def test_decode_writes_into_spare_rows_instead_of_copying_the_cache():
     pointer = layer.values.data_ptr()
     generate_logits(model, torch.cat([prompt, prompt], dim=1)[:, :1], cache, new_tokens=2)
     assert layer.values.data_ptr() == pointer  # same allocation: rows were appended in place
+
+
+@pytest.mark.parametrize("arch_name", ["llama-gqa", "mistral-sliding"])
+def test_kv_window_cache_equals_standard_attention_under_the_window_mask(arch_name):
+    """The KV counterpart: decoding through KVWindowCache = standard attention under the window-with-sinks mask;
+    it stores values per key-value head, so with GQA it is smaller than the KA window cache."""
+    model = tiny_model(arch_name, max_positions=128)
+    prompt = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
+    cache = ka_hf.KVWindowCache(window=6, sink=2)
+    steps, ids, sizes = generate_logits(model, prompt, cache, new_tokens=30)
+    assert {rows for rows, _ in sizes[5:]} <= {7, 6}  # 2 sinks + 5 recent (mistral: its own window 5, 4 recent)
+    mask = window_attention_mask(torch.ones_like(ids), window=6, sink=2, dtype=torch.float64)
+    native = getattr(model.config, "sliding_window", None)
+    if native is not None:  # a custom 4-D mask replaces HF's own: apply the model's window too
+        mask = torch.minimum(mask, window_attention_mask(torch.ones_like(ids), window=native, dtype=torch.float64))
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask, use_cache=False).logits[:, prompt.shape[1] - 1 :]
+    assert (steps - reference).abs().max() < 1e-10
+    ka_cache = KACache(window=6, sink=2)
+    generate_logits(model, prompt, ka_cache, new_tokens=30)
+    assert cache_nbytes(cache) < cache_nbytes(ka_cache)  # GQA: V per kv head, A per query head
+    with pytest.raises(KAError, match="window"):
+        ka_hf.KVWindowCache(window=None)

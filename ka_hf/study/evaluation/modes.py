@@ -7,9 +7,12 @@
                                              the rest is fed through the KA cache
     ka@LAYERS   KACache(layers=[...])        exact KA on those layers, standard attention on the others
     ka+adapter  KACache(adapter=...)         exact KA with a learned map f of cached outputs (plan 1)
+    kv-window@W+S  KVWindowCache(W, S)       standard attention over the (K, V) of the first S and last W - 1 tokens
+    ka-window@W+S  KACache(window=W, sink=S) exact KA over the (K, A) of the first S and last W - 1 tokens
 
 LAYERS is a list of indices and ranges: `ka@0,1,2`, `ka@0-2`, `ka@0-1,4`. A suffix also works after
-`ka-hybrid` and `ka+adapter` (`ka-hybrid@3`).
+`ka-hybrid` and `ka+adapter` (`ka-hybrid@3`). The window modes take a window size and an optional sink count:
+`ka-window@256`, `kv-window@256+4`. At equal W and S both window caches hold the same number of tokens.
 """
 
 import re
@@ -17,10 +20,11 @@ from dataclasses import dataclass
 
 from transformers import DynamicCache
 
-from ka_hf.cache import KACache
+from ka_hf.cache import KACache, KVWindowCache
 from ka_hf.errors import KAError
 
-KINDS = ("kv", "ka", "ka-hybrid", "ka+adapter")
+KINDS = ("kv", "ka", "ka-hybrid", "ka+adapter", "kv-window", "ka-window")
+WINDOW_KINDS = ("kv-window", "ka-window")
 
 DEFINITIONS = {
     "kv": "standard attention (DynamicCache semantics): the baseline",
@@ -32,10 +36,21 @@ DEFINITIONS = {
     ),
     "ka@LAYERS": "exact KA on the listed layers only (KACache(layers=[...])), standard attention elsewhere",
     "ka+adapter": "exact KA with the plan-1 adapter f applied to cached outputs (KACache(adapter=...))",
+    "kv-window": (
+        "standard attention with a bounded cache, ka_hf.KVWindowCache(window={window}, sink={sink}): each token "
+        "sees the first {sink} tokens and the last {window} (itself included); older (K, V) are evicted "
+        "(StreamingLLM style)"
+    ),
+    "ka-window": (
+        "exact KA with a bounded cache, KACache(window={window}, sink={sink}): each token sees the first {sink} "
+        "tokens and the last {window} (itself included); evicted tokens live on only through the outputs A they fed"
+    ),
 }
 
-MODES_HELP = "kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter"
+MODES_HELP = ("kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter, kv-window@W, ka-window@W "
+              "(W tokens; @W+S adds S sink tokens)")
 _LAYER_PART = re.compile(r"^\d+(-\d+)?$")
+_WINDOW_PART = re.compile(r"^(\d+)(?:\+(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -44,14 +59,18 @@ class Mode:
 
     kind: str
     layers: tuple[int, ...] | None = None
+    window: int | None = None  # window modes: tokens a query sees back (itself included), plus `sink` first ones
+    sink: int = 0
 
     @property
     def name(self) -> str:
+        if self.window is not None:
+            return f"{self.kind}@{self.window}" + (f"+{self.sink}" if self.sink else "")
         return self.kind if self.layers is None else f"{self.kind}@{_compact(self.layers)}"
 
     @property
     def uses_ka(self) -> bool:
-        return self.kind != "kv"
+        return self.kind not in ("kv", "kv-window")
 
     @property
     def needs_adapter(self) -> bool:
@@ -59,6 +78,8 @@ class Mode:
 
     @property
     def definition(self) -> str:
+        if self.window is not None:
+            return DEFINITIONS[self.kind].format(window=self.window, sink=self.sink)
         if self.layers is None:
             return DEFINITIONS[self.kind]
         if self.kind == "ka":
@@ -69,6 +90,10 @@ class Mode:
         """A fresh, empty cache for one window (one cache per model and per batch)."""
         if self.kind == "kv":
             return DynamicCache()
+        if self.kind == "kv-window":
+            return KVWindowCache(window=self.window, sink=self.sink)
+        if self.kind == "ka-window":
+            return KACache(window=self.window, sink=self.sink)
         if self.needs_adapter and adapter is None:
             raise KAError(f"mode {self.name} needs an adapter: pass --adapter DIR")
         return KACache(
@@ -94,6 +119,11 @@ def parse_mode(text: str, num_layers: int | None = None) -> Mode:
     kind, _, layer_text = text.strip().partition("@")
     if kind not in KINDS or (kind == "kv" and layer_text):
         raise KAError(f"unknown mode {text!r}: use {MODES_HELP}")
+    if kind in WINDOW_KINDS:
+        match = _WINDOW_PART.match(layer_text)
+        if not match or int(match.group(1)) < 1:
+            raise KAError(f"mode {text!r} needs a window size: write {kind}@W or {kind}@W+S (S sink tokens)")
+        return Mode(kind, window=int(match.group(1)), sink=int(match.group(2) or 0))
     if not layer_text:
         return Mode(kind)
     return Mode(kind, parse_layers(layer_text, num_layers, mode_text=text))

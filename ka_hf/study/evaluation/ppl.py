@@ -215,6 +215,8 @@ def _mode_record(mode, method, windows, nll_by_position, tokens_by_position, sca
     return {
         "mode": mode.name,
         "layers": None if mode.layers is None else list(mode.layers),
+        "window": mode.window,
+        "sink": mode.sink,
         "definition": mode.definition,
         "method": method,
         "ppl": math.exp(mean_nll),

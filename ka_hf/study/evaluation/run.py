@@ -236,6 +236,7 @@ def diagnostics_lines(record) -> list[str]:
         rows = [{"mode": r["mode"], **position_gaps(r, kv)} for r in record["results"] if r["mode"] != "kv"]
         quarter_keys = [key for key in (rows[0] if rows else {}) if key != "mode"]
         lines += [report.markdown_table(rows, [("mode", "mode")] + [(key, key) for key in quarter_keys], digits=4), ""]
+    lines += window_lines(record)
     lines.append("![mean NLL by position](nll_by_position.png)")
     if kv is not None:
         lines.append("![NLL gap to kv by position](nll_gap_by_position.png)")
@@ -246,6 +247,33 @@ def diagnostics_lines(record) -> list[str]:
                   report.markdown_table(table_rows(sweep["results"]), TABLE_COLUMNS[:4]), "",
                   "![layer sweep](layer_sweep.png)"]
     return lines
+
+
+def window_lines(record) -> list[str]:
+    """Window modes: mean NLL in position ranges before and after the (smallest) window's end, beside every other
+    mode, with the bytes each cache holds (do KA's outputs carry context past the window better than KV's?)."""
+    windows = sorted({r["window"] for r in record["results"] if r.get("window")})
+    if not windows:
+        return []
+    window, last = windows[0], len(record["results"][0]["tokens_by_position"]) - 1
+    edges = [1, window]
+    while edges[-1] <= last:
+        edges.append(2 * edges[-1])
+    ranges = [(start, min(stop, last + 1) - 1) for start, stop in zip(edges, edges[1:]) if start <= last]
+    columns = [("mode", "mode"), ("cache_kib", "cache (KiB)")]
+    rows = []
+    for result in record["results"]:
+        row = {"mode": result["mode"], "cache_kib": result["cache_bytes"] / 1024}
+        for first, final in ranges:
+            positions = range(first, final + 1)
+            tokens = sum(result["tokens_by_position"][i] for i in positions)
+            nll = sum((result["nll_by_position"][i] or 0.0) * result["tokens_by_position"][i] for i in positions)
+            row[f"{first}-{final}"] = nll / tokens if tokens else None
+        rows.append(row)
+    columns += [(f"{first}-{final}", f"positions {first}-{final}") for first, final in ranges]
+    return [f"Mean NLL (nats) by position of the predicted token, around the end of the {window}-token window "
+            f"(positions {window} and later see the window only; caches measured after the first window):", "",
+            report.markdown_table(rows, columns, digits=3), ""]
 
 
 def position_gaps(result, kv, parts: int = 4) -> dict:
@@ -284,8 +312,23 @@ def well_scored_positions(result) -> list[int]:
     return [i for i, n in enumerate(counts) if n > 0 and 2 * n >= max(counts)]
 
 
-def _position_series(result):
-    return [(i, result["nll_by_position"][i]) for i in well_scored_positions(result)]
+def _position_series(result, bins: int = 128):
+    """(position, mean NLL) of the well-scored positions; long windows are averaged in about `bins` bins."""
+    series = [(i, result["nll_by_position"][i], result["tokens_by_position"][i]) for i in well_scored_positions(result)]
+    width = max(1, len(series) // bins)
+    binned = []
+    for start in range(0, len(series), width):
+        chunk = series[start : start + width]
+        tokens = sum(n for _, _, n in chunk)
+        binned.append((sum(i for i, _, _ in chunk) / len(chunk), sum(nll * n for _, nll, n in chunk) / tokens))
+    return binned
+
+
+def _mark_windows(ax, record):
+    for window in sorted({r["window"] for r in record["results"] if r.get("window")}):
+        ax.axvline(window, color="gray", linestyle="--", linewidth=0.8)
+        ax.annotate(f"window {window}", (window, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="left", va="top")
 
 
 def plot_nll_by_position(record, path):
@@ -293,9 +336,10 @@ def plot_nll_by_position(record, path):
         for result in record["results"]:
             positions, nll = zip(*_position_series(result))
             ax.plot(positions, nll, label=result["mode"], linewidth=1.2)
+        _mark_windows(ax, record)
         ax.set(xlabel="position of the predicted token in the window", ylabel="mean NLL (nats)",
                title="Mean NLL by position")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     return report.save_plot(path, draw)
 
@@ -307,12 +351,13 @@ def plot_nll_gap_by_position(record, path):
         for result in record["results"]:
             if result is kv:
                 continue
-            gap = [(i, nll - kv["nll_by_position"][i]) for i, nll in _position_series(result)]
-            ax.plot(*zip(*gap), label=f"{result['mode']} - kv", linewidth=1.2)
+            (positions, nll), (_, kv_nll) = zip(*_position_series(result)), zip(*_position_series(kv))
+            ax.plot(positions, [a - b for a, b in zip(nll, kv_nll)], label=f"{result['mode']} - kv", linewidth=1.2)
         ax.axhline(0.0, color="black", linewidth=0.8)
+        _mark_windows(ax, record)
         ax.set(xlabel="position of the predicted token in the window", ylabel="NLL gap to kv (nats)",
                title="Does the KA error accumulate along the sequence?")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     return report.save_plot(path, draw)
 
