@@ -104,7 +104,8 @@ class _BlockedKA(torch.autograd.Function):
             rows = slice(n_past + start, n_past + stop)
             tile = _Tile(query, keys, allowed, scale, softcap, n_past, start, stop)
             lse = normalizers[..., start:stop]
-            own_weights = tile.own_weights_from(lse)
+            own_scores = tile.own_scores()
+            own_weights = tile.own_weights_from(own_scores, lse)
             # (I - W_bb,strict)^T lambda = G_b: upper triangular, solved backwards.
             multipliers = torch.linalg.solve_triangular(
                 -own_weights.transpose(-1, -2), grad_attended[..., rows, :], upper=True, unitriangular=True
@@ -115,7 +116,7 @@ class _BlockedKA(torch.autograd.Function):
             own_products = (multipliers * values[..., start:stop, :]).sum(-1)
             products = products - torch.diag_embed(products.diagonal(dim1=-2, dim2=-1) - own_products)
             row_dots = (multipliers * block_outputs).sum(-1, keepdim=True)
-            grad_scores = tile.through_softcap(own_weights * (products - row_dots), tile.own_scores())
+            grad_scores = tile.through_softcap(own_weights * (products - row_dots), own_scores)
             grad_query[..., start:stop, :] += scale * grad_scores @ keys[..., rows, :]
             grad_keys[..., rows, :] += scale * grad_scores.transpose(-1, -2) @ query[..., start:stop, :]
             grad_values[..., start:stop, :] = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * multipliers
@@ -173,10 +174,9 @@ class _Tile:
             return grad_capped
         return grad_capped * (1 - (capped / self.softcap) ** 2)
 
-    def own_weights_from(self, lse):
+    def own_weights_from(self, scores, lse):
         """W_bb = exp(S_bb - L), exactly 0 where masked (and in rows with nothing allowed, whose L is 0)."""
-        scores = self.own_scores().masked_fill(~self.own_allowed, float("-inf"))
-        return torch.exp(scores - lse.unsqueeze(-1))
+        return torch.exp(scores.masked_fill(~self.own_allowed, float("-inf")) - lse.unsqueeze(-1))
 
     def own_weights(self, past_lse):
         """(W_bb, L): the block's own weights and the full row normalizer L = logaddexp(L_P, L_D)."""
