@@ -324,11 +324,14 @@ def _position_series(result, bins: int = 128):
     return binned
 
 
-def _mark_windows(ax, record):
+def _finish_position_axes(ax, record, ylabel, title):
+    """Labels, a dashed line at each window mode's window end, the legend outside the data."""
     for window in sorted({r["window"] for r in record["results"] if r.get("window")}):
         ax.axvline(window, color="gray", linestyle="--", linewidth=0.8)
         ax.annotate(f"window {window}", (window, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
                     ha="left", va="top")
+    ax.set(xlabel="position of the predicted token in the window", ylabel=ylabel, title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_nll_by_position(record, path):
@@ -336,10 +339,7 @@ def plot_nll_by_position(record, path):
         for result in record["results"]:
             positions, nll = zip(*_position_series(result))
             ax.plot(positions, nll, label=result["mode"], linewidth=1.2)
-        _mark_windows(ax, record)
-        ax.set(xlabel="position of the predicted token in the window", ylabel="mean NLL (nats)",
-               title="Mean NLL by position")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _finish_position_axes(ax, record, "mean NLL (nats)", "Mean NLL by position")
 
     return report.save_plot(path, draw)
 
@@ -354,10 +354,7 @@ def plot_nll_gap_by_position(record, path):
             (positions, nll), (_, kv_nll) = zip(*_position_series(result)), zip(*_position_series(kv))
             ax.plot(positions, [a - b for a, b in zip(nll, kv_nll)], label=f"{result['mode']} - kv", linewidth=1.2)
         ax.axhline(0.0, color="black", linewidth=0.8)
-        _mark_windows(ax, record)
-        ax.set(xlabel="position of the predicted token in the window", ylabel="NLL gap to kv (nats)",
-               title="Does the KA error accumulate along the sequence?")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _finish_position_axes(ax, record, "NLL gap to kv (nats)", "Does the KA error accumulate along the sequence?")
 
     return report.save_plot(path, draw)
 
