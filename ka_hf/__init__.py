@@ -14,6 +14,7 @@ from .integration import (
     exact_ka,
     install,
     ka_spec,
+    uninstall,
     window_attention_mask,
     without_ka,
 )
@@ -34,6 +35,8 @@ __all__ = [
     "enable_ka",
     "exact_ka",
     "ka_spec",
+    "install",
+    "uninstall",
     "window_attention_mask",
     "without_ka",
 ]

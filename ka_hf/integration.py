@@ -1,12 +1,14 @@
 """The one place where Hugging Face attention is routed through KA.
 
-How a call becomes KA: each supported attention class's `forward` is wrapped (once, at `import ka_hf`). For a
-call whose cache is a `KACache` (or whose model config asks for KA, see `enable_ka`/`exact_ka`), the wrapper
-marks the call as routed and points the module's attention implementation at `ka_attention_forward` for the
-duration of that call. The module itself still computes q, k, v exactly as it always does (projections, RoPE,
-partial rotary, GQA heads, scale, softcap), calls `cache.update`, and hands q, k, v and its mask to the attention
-function — which is now ours. Everything else (no cache, a `DynamicCache`, models without a KA config) runs the
-untouched original code.
+How a call becomes KA: each supported attention class's `forward` is wrapped (once, at `import ka_hf`; undone by
+`ka_hf.uninstall()`). For a call whose cache is a `KACache` (or whose model config asks for KA, see
+`enable_ka`/`exact_ka`), the wrapper sets a `Route` in a context variable for the duration of that call, and
+transformers' attention lookup (`AttentionInterface.get_interface`, which every supported model calls) answers
+`ka_attention_forward` while a KA route is active in the calling thread. The module itself still computes q, k, v
+exactly as it always does (projections, RoPE, partial rotary, GQA heads, scale, softcap), calls `cache.update`,
+and hands q, k, v and its mask to the attention function — which is now ours. Nothing shared is mutated during a
+call: another thread using the same model without a KACache at the same moment runs the untouched original code,
+as does everything else (no cache, a `DynamicCache`, models without a KA config).
 
 Two guards keep results honest: a `KACache` refuses updates from modules that were not routed (an unsupported
 architecture), and a routed call that never reached the KA function (a model path that bypasses the attention
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.generation.utils import GenerationMixin
 
 from .cache import KACache
@@ -304,15 +305,11 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
 def capture_attention(model, input_ids, attention_mask=None) -> dict[int, Captured]:
     """{layer: Captured} of one standard-attention forward of `model` (KA-SPEC §2: A is each query head's output
     before the output projection, V the values the layer computed, per kv head)."""
-    config = model.config
-    previous = config._attn_implementation
-    token = _CAPTURED.set({})
+    token = _CAPTURED.set({})  # the attention lookup answers the capture function in this context
     try:
-        config._attn_implementation = CAPTURE_IMPLEMENTATION
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return dict(sorted(_CAPTURED.get().items()))
     finally:
-        config._attn_implementation = previous
         _CAPTURED.reset(token)
 
 
@@ -346,14 +343,9 @@ def _routed(original_forward):
         if route is None:
             return original_forward(self, *args, **kwargs)
         token = ACTIVE_ROUTE.set(route)
-        config = self.config
-        implementation = config._attn_implementation
-        if route.kind == "ka":
-            config._attn_implementation = KA_IMPLEMENTATION
         try:
             result = original_forward(self, *args, **kwargs)
         finally:
-            config._attn_implementation = implementation
             ACTIVE_ROUTE.reset(token)
         if route.kind == "ka" and not route.used:
             raise KAError(
@@ -365,6 +357,21 @@ def _routed(original_forward):
 
     forward._ka_hf_routed = True
     return forward
+
+
+def _attention_lookup(original_get_interface):
+    """transformers' attention lookup, answering KA (or the capture function) while this context has a KA route."""
+
+    @functools.wraps(original_get_interface)
+    def get_interface(self, attn_implementation, default):
+        route = ACTIVE_ROUTE.get()
+        if route is not None and route.kind == "ka":
+            return ka_attention_forward
+        if _CAPTURED.get() is not None:
+            return _capture_attention_forward
+        return original_get_interface(self, attn_implementation, default)
+
+    return get_interface
 
 
 def _prepare_cache_with_ka_default(original):
@@ -390,16 +397,37 @@ def _load_class(path: str):
         return None  # an older transformers without this model: nothing to route
 
 
-@functools.cache
+_INSTALLED: dict = {}  # (owner, attribute) -> the original, for uninstall()
+
+
+def _replace(owner, name: str, wrap) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "_ka_hf_routed", False):  # inherited from a class routed already
+        return
+    _INSTALLED[(owner, name)] = (original, name in vars(owner))
+    setattr(owner, name, wrap(original))
+
+
 def install() -> None:
     """Route the supported attention classes (idempotent; runs at `import ka_hf`)."""
+    if _INSTALLED:
+        return
     AttentionInterface.register(KA_IMPLEMENTATION, ka_attention_forward)
     AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention_forward)
-    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)  # boolean masks, padding included
     for path in SUPPORTED_ARCHITECTURES.values():
         attention_class = _load_class(path)
-        if attention_class is not None and not getattr(attention_class.forward, "_ka_hf_routed", False):
-            attention_class.forward = _routed(attention_class.forward)
-    GenerationMixin._prepare_cache_for_generation = _prepare_cache_with_ka_default(
-        GenerationMixin._prepare_cache_for_generation
-    )
+        if attention_class is not None:
+            _replace(attention_class, "forward", _routed)
+    _replace(AttentionInterface, "get_interface", _attention_lookup)
+    _replace(GenerationMixin, "_prepare_cache_for_generation", _prepare_cache_with_ka_default)
+
+
+def uninstall() -> None:
+    """Restore every original transformers function that `install` replaced (KACache stops working until
+    `install()` runs again)."""
+    for (owner, name), (original, owned) in reversed(list(_INSTALLED.items())):
+        if owned:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+    _INSTALLED.clear()
