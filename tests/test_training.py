@@ -10,7 +10,6 @@ from transformers import PreTrainedTokenizerFast
 import ka_hf
 import ka_hf.integration
 from ka_hf.errors import KAError
-from ka_hf.ops import ka_attention_naive
 from ka_hf.study.data import default_corpus
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.training import TrainConfig, load_data_texts, load_train_config, make_blocks, perplexity, train
