@@ -156,13 +156,14 @@ def without_ka(model):
 
 
 def allowed_from_mask(mask, n_new: int, n_total: int, sliding_window: int | None = None, device=None):
-    """Boolean mask broadcastable to (B, H, n_new, n_total), or None for plain causal.
+    """Boolean mask broadcastable to (B, H, n_new, n_total), or None for plain causal (lower-right aligned: the
+    new tokens are the last ones), which lets the kernels skip masking altogether.
 
     HF hands the attention function None (causal implied, lower-right aligned), a boolean 4D mask (sdpa:
     True = attend), an additive float 4D mask (eager: 0 or the dtype's minimum) or a 2D padding mask (flash).
     """
     if mask is None:
-        if n_new == 1 and sliding_window is None:
+        if sliding_window is None:
             return None
         return causal_allowed(n_new, n_total, device, sliding_window)  # on the queries' device (GPU or CPU)
     if not isinstance(mask, torch.Tensor):
@@ -294,7 +295,10 @@ def _capture_attention_forward(module, query, key, value, attention_mask, scalin
         raise KAError(f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
                       "ka_hf.integration.capture_attention; do not load a model with it")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    allowed = allowed_from_mask(attention_mask, query.shape[-2], key.shape[-2], sliding_window, query.device)
+    n_new, n_total = query.shape[-2], key.shape[-2]
+    allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
+    if allowed is None:
+        allowed = causal_allowed(n_new, n_total, query.device)
     weights = attention_weights(query.float(), key.float(), allowed, scale, softcap)
     outputs = weights @ expand_kv_heads(value.float(), query.shape[1])
     records[module.layer_idx] = Captured(weights.detach(), outputs.detach(), value.detach().float())
