@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ka_hf.errors import KAError
-from ka_hf.study import report
+from ka_hf.study import files, report
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.study.evaluation import parse_modes
 from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
@@ -41,12 +41,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="reversal_out", metavar="DIR", help="where results.json/.md go")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     parse_modes(args.modes)  # unknown modes fail before the model loads
     check_split(args.split)
     if any(mode.needs_adapter for mode in parse_modes(args.modes)) and args.adapter is None:
         raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    files.check_out_dir(args.out, args.overwrite)
     return args
 
 
@@ -112,8 +114,8 @@ def main(argv=None):
         "results": results,
     }
     out = Path(args.out)
-    report.write_json(out / "results.json", record)
-    (out / "results.md").write_text(results_markdown(record))
+    files.write_json(out / "results.json", record)
+    files.write_text(out / "results.md", results_markdown(record))
     print("\n\n".join(f"{split}:\n{reversal_table(results, split)}" for split in record["splits"]))
     print(f"written to {out}/")
 

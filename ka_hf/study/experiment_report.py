@@ -215,6 +215,6 @@ def write_experiment_report(record: dict, out: Path) -> dict:
             "train-standard/best/ (standard model)", "train-ka/best/ (KA model)", "adapters/", "data/", "tokenizer/")),
     ]
     report_path = out / "report.md"
-    report_path.write_text("\n\n".join(sections) + "\n")
+    report.write_text(report_path, "\n\n".join(sections) + "\n")
     results_path = report.write_json(out / "results.json", record)
     return dict(report=report_path, results=results_path, **plots)

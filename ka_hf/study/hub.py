@@ -33,7 +33,7 @@ from ka_hf.adapters import attention_shape, load_adapter
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
-from . import report
+from . import files, report
 
 # One copy of the templates: model_cards/ of the repository (a checkout or `pip install -e .`); a wheel installs
 # the same files as data under <prefix>/share/ka_hf/model_cards (pyproject.toml's data-files).
@@ -472,15 +472,11 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _prepare_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise KAError(f"{out_dir} exists and is not empty: choose another folder or pass --overwrite")
-        resolved = out_dir.resolve()
-        if any(resolved == path.resolve() or resolved in path.resolve().parents for path in inputs):
-            raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _check_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    files.check_out_dir(out_dir, overwrite, option="--folder")
+    resolved = out_dir.resolve()
+    if any(resolved == path.resolve() or resolved in path.resolve().parents for path in inputs):
+        raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")
 
 
 def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, adapter_dir=None,
@@ -488,23 +484,26 @@ def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, 
                     template_dir=None) -> list[Path]:
     """Write the folder to upload: model files (MODEL_FILES), adapter/ (when adapter_dir), results/<kind>.json
     (+ adapter_fit.json), README.md (the card). Returns the files written, sorted. The card is built first, so
-    bad inputs fail before anything is written."""
+    bad inputs fail before anything is written; a non-empty out_dir is refused unless overwrite, and the folder
+    is built complete next to it before it replaces it."""
     card = build_card(model_dir, results, adapter_dir=adapter_dir, repo_id=repo_id, license=license,
                       template_dir=template_dir)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     results = {key: Path(path) for key, path in (results or {}).items() if path is not None}
     inputs = [model_dir, *results.values()] + ([Path(adapter_dir)] if adapter_dir is not None else [])
-    _prepare_upload_dir(out_dir, inputs, overwrite)
-    files = [_copy(path, out_dir / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
-    files += [_copy(path, out_dir / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
-    if adapter_dir is not None:
-        adapter_dir = Path(adapter_dir)
-        files += [_copy(adapter_dir / name, out_dir / ADAPTER_SUBDIR / name)
-                  for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-        if (adapter_dir / "results.json").is_file():
-            files.append(_copy(adapter_dir / "results.json", out_dir / RESULTS_SUBDIR / "adapter_fit.json"))
-    card.save(out_dir / "README.md")
-    return sorted(dict.fromkeys(files + [out_dir / "README.md"]))
+    _check_upload_dir(out_dir, inputs, overwrite)
+    with files.staged_dir(out_dir) as staging:
+        names = [_copy(path, staging / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
+        names += [_copy(path, staging / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
+        if adapter_dir is not None:
+            adapter_dir = Path(adapter_dir)
+            names += [_copy(adapter_dir / name, staging / ADAPTER_SUBDIR / name)
+                      for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            if (adapter_dir / "results.json").is_file():
+                names.append(_copy(adapter_dir / "results.json", staging / RESULTS_SUBDIR / "adapter_fit.json"))
+        card.save(staging / "README.md")
+        names.append(staging / "README.md")
+    return sorted(dict.fromkeys(out_dir / path.relative_to(staging) for path in names))
 
 
 def push(folder, repo_id: str, private: bool = False, token: str | None = None,
