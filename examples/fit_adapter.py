@@ -22,6 +22,7 @@ from ka_hf.study import files, report
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares
 from ka_hf.study.models import load_model, load_tokenizer
+from ka_hf.study.records import AdapterFitRecord
 from ka_hf.study.training import TrainConfig, load_data_texts, make_blocks
 
 
@@ -80,8 +81,9 @@ def main(argv=None):
         adapters["ka+adapter (distilled)"] = adapter
 
     results = compare_ppl(model, adapters, val_blocks, args.batch_size, progress=True)
-    results_record = dict(model=args.model, adapter=args.out, val_blocks=len(val_blocks), seq_len=args.seq_len,
-                          ppl=results, fit=adapter.fit_record, environment=report.environment())
+    results_record = AdapterFitRecord(model=args.model, adapter=args.out, val_blocks=len(val_blocks),
+                                      seq_len=args.seq_len, ppl=results, fit=adapter.fit_record,
+                                      environment=report.environment())
     with files.staged_dir(args.out) as staging:  # the adapter and its results appear together, complete
         save_adapter(adapter, staging)
         files.write_json(staging / "results.json", results_record)

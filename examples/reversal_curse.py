@@ -23,6 +23,7 @@ from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, c
                                              reversal_metrics, reversal_table)
 from ka_hf.study.facts import TEMPLATES, make_facts
 from ka_hf.study.models import load_model, load_tokenizer
+from ka_hf.study.records import ReversalRecord
 
 
 def parse_args(argv=None):
@@ -114,7 +115,7 @@ def main(argv=None):
         "results": results,
     }
     out = Path(args.out)
-    files.write_json(out / "results.json", record)
+    files.write_json(out / "results.json", ReversalRecord.build(record))
     files.write_text(out / "results.md", results_markdown(record))
     print("\n\n".join(f"{split}:\n{reversal_table(results, split)}" for split in record["splits"]))
     print(f"written to {out}/")

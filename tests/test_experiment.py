@@ -81,3 +81,14 @@ def test_each_model_can_be_published_with_its_results(study):
     card = hub.build_card(out / "train-ka" / "best", found)
     values = [metric.metric_value for metric in card.data.eval_results]
     assert record["inference"]["ka"][1]["ppl"] in values
+
+
+def test_the_study_writes_the_records_the_scripts_write(study):
+    from ka_hf.study import records
+
+    out, _ = study
+    assert isinstance(records.read(out / "results.json"), records.StudyRecord)
+    for model in ("train-standard", "train-ka"):
+        assert isinstance(records.read(out / model / "results.json", "train"), records.TrainRecord)
+        assert isinstance(records.read(out / model / "eval" / "results.json", "eval"), records.EvalRecord)
+        assert isinstance(records.read(out / model / "reversal" / "results.json", "reversal"), records.ReversalRecord)

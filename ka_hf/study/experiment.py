@@ -45,6 +45,7 @@ from .evaluation.run import position_gaps
 from .facts import make_facts, training_texts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
+from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
 
 @dataclass
@@ -377,18 +378,18 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
 
 
 def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
-    """Each model's own eval and reversal results.json, in eval_ppl's and reversal_curse's shapes, next to its
-    checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
+    """Each model's own eval and reversal results.json, the same records eval_ppl.py and reversal_curse.py write,
+    next to its checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
     run_dir = Path(model_dir).parent
     model = dict(path=str(model_dir))
     windows = record["windows"]
-    report.write_json(run_dir / "eval" / "results.json", dict(
+    report.write_json(run_dir / "eval" / "results.json", EvalRecord(
         command=record["command"], model=model, method="parallel", windows=windows,
         run=dict(model=str(model_dir), text_file=windows["source"], split="validation",
                  max_length=windows["max_length"], stride=windows["stride"]),
         results=record["inference"][attention], environment=record["environment"]))
     facts = record["data"]["facts"]
-    report.write_json(run_dir / "reversal" / "results.json", dict(
+    report.write_json(run_dir / "reversal" / "results.json", ReversalRecord(
         command=record["command"], model=model, results=record["reversal"][attention],
         facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
         splits=["test", "train"] if record["config"]["reversal_split"] == "both" else [record["config"]["reversal_split"]],

@@ -41,6 +41,7 @@ from ka_hf.integration import enable_ka
 from . import files, report
 from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
+from .records import TrainRecord
 
 ATTENTIONS = ("standard", "ka")
 VARIANTS = ("ka", "plan2")
@@ -564,7 +565,7 @@ def write_reports(out: Path, config: TrainConfig, state: RunState, source: str, 
     table = report.markdown_table(rows, TABLE_COLUMNS, digits=1)
     summary = f"**Best: epoch {state.best_epoch}, val PPL = {state.best_val_ppl:.1f}**"
     files.write_text(out / "epochs.md", f"## Training results ({title})\n\n{table}\n\n{summary}\n")
-    files.write_json(out / "results.json", dict(
+    files.write_json(out / "results.json", TrainRecord(
         config=config.to_dict(), data=dict(source=source, train_blocks=n_train, val_blocks=n_val,
                                            seq_len=config.seq_len),
         epochs=rows, best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,

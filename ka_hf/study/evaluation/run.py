@@ -17,6 +17,7 @@ from ka_hf.integration import SUPPORTED_ARCHITECTURES
 from .. import report
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
+from ..records import EvalRecord
 from .modes import DEFINITIONS, layer_sweep_modes, parse_modes
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 
@@ -276,7 +277,7 @@ def write_report(record: dict, out: Path) -> list[str]:
         files.append(plot_layer_sweep(record, out / "layer_sweep.png"))
     report.write_text(out / "results.md", results_markdown(record) + "\n")
     names = ["results.json", "results.md"] + [Path(path).name for path in files]
-    report.write_json(out / "results.json", record | {"files": names})
+    report.write_json(out / "results.json", EvalRecord.build(record | {"files": names}))
     return names
 
 
