@@ -18,6 +18,7 @@ import json
 import torch
 
 from ka_hf.adapters import KAAdapter, save_adapter
+from ka_hf.config import provenance
 from ka_hf.study import files, report
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares
@@ -56,7 +57,7 @@ def data_config(args, model) -> TrainConfig:
     """The data part of a TrainConfig: the flags, or the model's recorded training data when none are given."""
     values = dict(dataset=args.dataset, dataset_config=args.dataset_config, text_file=args.text_file,
                   val_text_file=args.val_text_file, split=args.split, val_split=args.val_split)
-    recorded = (getattr(model.config, "ka", None) or {}).get("training", {})
+    recorded = provenance(model.config).get("training", {})
     if not any((args.dataset, args.text_file)) and (recorded.get("text_file") or recorded.get("dataset")):
         values.update({key: recorded.get(key) for key in ("dataset", "dataset_config", "text_file")})
         print(f"data: the model's training data ({recorded.get('text_file') or recorded.get('dataset')})")

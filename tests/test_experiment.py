@@ -56,7 +56,7 @@ def test_report_tables_are_filled_from_this_run(study):
 def test_models_record_the_facts_they_saw(study):
     out, _ = study
     config = json.loads((out / "train-ka" / "best" / "config.json").read_text())
-    assert config["ka"]["attention"] == "ka" and config["ka"]["training"]["facts"]["n"] == TINY["facts"]
+    assert config["ka"]["attention"] == "ka" and config["ka_provenance"]["training"]["facts"]["n"] == TINY["facts"]
 
 
 def test_presets_and_errors():

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ka_hf.adapters import save_adapter
+from ka_hf.config import PROVENANCE_KEY
 from ka_hf.errors import KAError
 
 from . import files, report
@@ -190,10 +191,10 @@ def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, atten
 
 
 def _record_facts(model_dir: Path, facts: dict) -> None:
-    """config.ka["training"]["facts"]: which facts the model saw (read back by examples/reversal_curse.py)."""
+    """The model's provenance["training"]["facts"]: which facts it saw (read back by examples/reversal_curse.py)."""
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text())
-    section = config.setdefault("ka", {})
+    section = config.setdefault(PROVENANCE_KEY, {})
     section.setdefault("training", {})["facts"] = facts
     files.write_json(config_path, config)
 

@@ -30,6 +30,7 @@ from ka_hf.adapters import CONFIG_NAME as ADAPTER_CONFIG
 from ka_hf.adapters import FORMAT as ADAPTER_FORMAT
 from ka_hf.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from ka_hf.adapters import attention_shape, load_adapter
+from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
@@ -275,18 +276,17 @@ def model_summary(model_dir: Path) -> dict:
                 tensor = weights.get_slice(name)
                 parameters += math.prod(tensor.get_shape())
                 dtype = dtype or tensor.get_dtype()
-    section = getattr(config, "ka", None)
-    section = section if isinstance(section, dict) else {}
-    layers = section.get("layers")
+    setting = KAConfig.from_model_config(config) or KAConfig(attention="standard")
+    layers = setting.layers
     layers_text = "every layer" if layers is None else f"layers {', '.join(map(str, layers))} (standard elsewhere)"
     return dict(
         config=config, model_type=config.model_type, parameters=parameters, parameters_text=f"{parameters / 1e6:.2f}M",
         dtype=dtype, hidden_size=config.hidden_size, **shape,
         cache_ratio=(shape["num_kv_heads"] + shape["num_heads"]) / (2 * shape["num_kv_heads"]),
-        ka_trained=section.get("attention") == "ka", ka_variant=section.get("variant", "ka"),
+        ka_trained=setting.is_ka, ka_variant=setting.variant,
         ka_layers_text=layers_text,
-        ka_section=json.dumps({key: value for key, value in section.items() if key != "training"}),
-        base_model=_hub_id((section.get("training") or {}).get("model")),
+        ka_section=json.dumps(setting.to_dict()),
+        base_model=_hub_id((provenance(config).get("training") or {}).get("model")),
     )
 
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ka_hf.errors import KAError
-from ka_hf.integration import enable_ka
+from ka_hf.config import record_provenance
+from ka_hf.integration import disable_ka, enable_ka
 
 from . import files, report
 from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
@@ -251,7 +252,7 @@ def build_model(config: TrainConfig, tokenizer):
 
 
 def training_record(config: TrainConfig, **extra) -> dict:
-    """What config.ka["training"] says about how the model was trained."""
+    """What the model's provenance (config.ka_provenance["training"]) says about how it was trained."""
     keys = ("attention", "variant", "ka_layers", "model", "dataset", "dataset_config", "split", "text_file",
             "samples", "seq_len", "epochs", "patience", "lr", "batch_size", "weight_decay", "lr_schedule",
             "warmup_steps", "seed")
@@ -261,12 +262,13 @@ def training_record(config: TrainConfig, **extra) -> dict:
 
 
 def set_attention(model, config: TrainConfig, record: dict) -> None:
-    """KA: enable_ka records the layers and variant; standard: config.ka says so (and keeps the record)."""
+    """config.ka: KA on the layers and variant trained with, or standard; the training record goes to the
+    model's provenance (config.ka_provenance["training"])."""
     if config.attention == "ka":
         enable_ka(model, layers=config.ka_layers, variant=config.variant, training=record)
     else:
-        previous = getattr(model.config, "ka", None) or {}
-        model.config.ka = dict(previous) | {"attention": "standard", "training": record}
+        disable_ka(model)
+        record_provenance(model.config, training=record)
 
 
 # ---------------------------------------------------------------------------------------------------------
