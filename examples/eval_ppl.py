@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ka_hf.errors import KAError
+from ka_hf.study import files
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
 
@@ -21,6 +22,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_mode_arguments(parser)
     parser.add_argument("--out", default="eval_ppl_out", metavar="DIR", help="where results.json/.md and plots go")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
 
     data = parser.add_argument_group("data (default: the offline corpus, ka_hf.study.data.default_corpus)")
     data.add_argument("--dataset", help="a Hub dataset name (e.g. Salesforce/wikitext)")
@@ -64,6 +66,7 @@ def check_args(args):
     modes = parse_modes(args.modes)  # unknown modes fail now; layer indices are checked once the model is loaded
     if any(mode.needs_adapter for mode in modes) and args.adapter is None:
         raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    files.check_out_dir(args.out, args.overwrite)
 
 
 @user_errors_exit_2

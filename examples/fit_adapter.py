@@ -18,10 +18,12 @@ import json
 import torch
 
 from ka_hf.adapters import KAAdapter, save_adapter
-from ka_hf.study import report
+from ka_hf.config import provenance
+from ka_hf.study import files, report
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares
 from ka_hf.study.models import load_model, load_tokenizer
+from ka_hf.study.records import AdapterFitRecord
 from ka_hf.study.training import TrainConfig, load_data_texts, make_blocks
 
 
@@ -29,6 +31,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a standard-trained checkpoint (directory or Hub id)")
     parser.add_argument("--out", required=True, help="where to save the adapter")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds (an adapter)")
     parser.add_argument("--target", choices=("attention", "values"), default="attention",
                         help="least-squares target (see ka_hf.study.fit_adapters.fit_adapter_least_squares)")
     parser.add_argument("--ridge", type=float, default=1e-4)
@@ -45,14 +48,16 @@ def parse_args(argv=None):
     data.add_argument("--val-samples", type=int, default=64, help="blocks to measure PPL on")
     data.add_argument("--seq-len", type=int, default=128)
     data.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    files.check_out_dir(args.out, args.overwrite)  # before anything is loaded or written
+    return args
 
 
 def data_config(args, model) -> TrainConfig:
     """The data part of a TrainConfig: the flags, or the model's recorded training data when none are given."""
     values = dict(dataset=args.dataset, dataset_config=args.dataset_config, text_file=args.text_file,
                   val_text_file=args.val_text_file, split=args.split, val_split=args.val_split)
-    recorded = (getattr(model.config, "ka", None) or {}).get("training", {})
+    recorded = provenance(model.config).get("training", {})
     if not any((args.dataset, args.text_file)) and (recorded.get("text_file") or recorded.get("dataset")):
         values.update({key: recorded.get(key) for key in ("dataset", "dataset_config", "text_file")})
         print(f"data: the model's training data ({recorded.get('text_file') or recorded.get('dataset')})")
@@ -75,12 +80,14 @@ def main(argv=None):
     if args.distill_steps:
         distill_adapter(model, adapter, batches, args.distill_steps, lr=args.lr)
         adapters["ka+adapter (distilled)"] = adapter
-    save_adapter(adapter, args.out)
 
     results = compare_ppl(model, adapters, val_blocks, args.batch_size, progress=True)
-    results_record = dict(model=args.model, adapter=args.out, val_blocks=len(val_blocks), seq_len=args.seq_len,
-                          ppl=results, fit=adapter.fit_record, environment=report.environment())
-    report.write_json(f"{args.out}/results.json", results_record)
+    results_record = AdapterFitRecord(model=args.model, adapter=args.out, val_blocks=len(val_blocks),
+                                      seq_len=args.seq_len, ppl=results, fit=adapter.fit_record,
+                                      environment=report.environment())
+    with files.staged_dir(args.out) as staging:  # the adapter and its results appear together, complete
+        save_adapter(adapter, staging)
+        files.write_json(staging / "results.json", results_record)
     print(json.dumps(results, indent=2))
     print(f"adapter saved to {args.out}")
 

@@ -5,7 +5,7 @@ trained on, over whole sentences and answer spans, plus greedy exact match of th
     python examples/reversal_curse.py --model M --facts 200 --facts-seed 0 --trained-on forward --out R
 
 The facts are ka_hf.study.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
-config.ka["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
+config.ka_provenance["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
 See docs/reversal.md.
 """
 
@@ -16,23 +16,24 @@ from pathlib import Path
 import torch
 
 from ka_hf.errors import KAError
-from ka_hf.study import report
+from ka_hf.study import files, report
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.study.evaluation import parse_modes
 from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
                                              reversal_metrics, reversal_table)
 from ka_hf.study.facts import TEMPLATES, make_facts
 from ka_hf.study.models import load_model, load_tokenizer
+from ka_hf.study.records import ReversalRecord
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_mode_arguments(parser)
-    parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default config.ka's record")
-    parser.add_argument("--facts-seed", type=int, metavar="S", help="default: config.ka's record, else 0")
+    parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default the model's record")
+    parser.add_argument("--facts-seed", type=int, metavar="S", help="default: the model's record, else 0")
     parser.add_argument("--trained-on", choices=TRAINED_ON[:-1],
                         help="directions in training (none: facts the model never saw, a control); default: "
-                             "config.ka's record, else unknown")
+                             "the model's record, else unknown")
     parser.add_argument("--split", default="both", choices=(*FACT_SPLITS, "both"),
                         help="templates: test (held out), train (the training paraphrases) or both")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
@@ -41,25 +42,27 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="reversal_out", metavar="DIR", help="where results.json/.md go")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     parse_modes(args.modes)  # unknown modes fail before the model loads
     check_split(args.split)
     if any(mode.needs_adapter for mode in parse_modes(args.modes)) and args.adapter is None:
         raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    files.check_out_dir(args.out, args.overwrite)
     return args
 
 
 def facts_config(args, model) -> dict:
-    """n, seed and trained_on from the flags, else the model's config.ka record; says where each came from."""
+    """n, seed and trained_on from the flags, else the model's provenance record; says where each came from."""
     recorded = recorded_facts(model.config)
     n = args.facts if args.facts is not None else recorded.get("n")
     if n is None:
-        raise KAError(f"{args.model} does not record its training facts (config.ka['training']['facts']): "
+        raise KAError(f"{args.model} does not record its training facts (config.ka_provenance['training']['facts']): "
                       "give --facts N --facts-seed S, the make_facts(N, S) the model was trained on")
     seed = args.facts_seed if args.facts_seed is not None else recorded.get("seed", 0)
     trained_on = args.trained_on or recorded.get("include") or "unknown"
-    source = "flags" if args.facts is not None else "config.ka['training']['facts']"
+    source = "flags" if args.facts is not None else "config.ka_provenance['training']['facts']"
     return {"n": n, "seed": seed, "trained_on": trained_on, "source": source, "recorded": recorded or None}
 
 
@@ -112,8 +115,8 @@ def main(argv=None):
         "results": results,
     }
     out = Path(args.out)
-    report.write_json(out / "results.json", record)
-    (out / "results.md").write_text(results_markdown(record))
+    files.write_json(out / "results.json", ReversalRecord.build(record))
+    files.write_text(out / "results.md", results_markdown(record))
     print("\n\n".join(f"{split}:\n{reversal_table(results, split)}" for split in record["splits"]))
     print(f"written to {out}/")
 

@@ -4,6 +4,7 @@
     python examples/train.py --attention ka --out runs/ka
     python examples/train.py --attention ka --text-file wiki.train.txt --val-text-file wiki.valid.txt --out runs/wiki
     python examples/train.py --resume runs/ka                  # continue an interrupted run
+    python examples/train.py --resume runs/ka --overwrite      # restart it from scratch, same settings
     accelerate launch examples/train.py --attention ka --out runs/ka   # several GPUs
 
 Writes the per-epoch table (epochs.md, results.json), curves.png and the best checkpoint (best/, with its
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", help="output directory (required unless --resume)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out already holds; with --resume DIR: restart that run from scratch")
 
     attention = parser.add_argument_group("attention")
     attention.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention, help="attention to train")
@@ -93,7 +95,7 @@ def main(argv=None):
     if args.resume is not None:
         config = load_train_config(args.resume)
         config.out, config.progress = args.resume, args.progress
-        result = train(config, resume=True)
+        result = train(config, resume=True, overwrite=args.overwrite)
     else:
         values = {key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}
         result = train(TrainConfig(**values), overwrite=args.overwrite)

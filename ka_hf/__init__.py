@@ -6,6 +6,7 @@ outputs, exactly (KA-SPEC §2) and in parallel (§3).
 """
 
 from .cache import KACache, KALayer, KAWindowLayer, KVWindowCache, cache_nbytes
+from .config import KAConfig
 from .errors import KAError
 from .integration import (
     SUPPORTED_ARCHITECTURES,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KACache",
+    "KAConfig",
     "KAError",
     "KALayer",
     "KAWindowLayer",

@@ -26,12 +26,12 @@ from transformers import AttentionInterface
 from transformers.generation.utils import GenerationMixin
 
 from .cache import KACache
+from .config import CONFIG_KEY, PROVENANCE_KEY, KAConfig, provenance, record_provenance
 from .errors import KAError
 from .ops import (
     DEFAULT_BLOCK_SIZE,
     attention_weights,
     causal_allowed,
-    check_kernel,
     expand_kv_heads,
     ka_attention,
     ka_attention_naive,
@@ -43,36 +43,22 @@ from .route import ACTIVE_ROUTE, SUPPORTED_ARCHITECTURES, Route, check_routed  #
 # The attention-implementation name the wrapper switches a routed call to. Not meant for from_pretrained:
 # use enable_ka / exact_ka / KACache instead (they know which layers and which cache).
 KA_IMPLEMENTATION = "ka_hf"
-CONFIG_KEY = "ka"  # config.ka: {"attention": "ka" | "standard", "layers": [...] | None, "variant": "ka", ...}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The model's KA setting (config.ka), for full-sequence KA without a KACache: training and scoring.
 
 
-@dataclass(frozen=True)
-class KASpec:
-    layers: frozenset | None = None  # None = every layer
-    variant: str = "ka"
-    block_size: int | None = DEFAULT_BLOCK_SIZE
-    kernel: str = "auto"
-
-    def covers(self, layer_idx: int) -> bool:
-        return self.layers is None or layer_idx in self.layers
+KASpec = KAConfig  # the former name of the typed setting (ka_hf.config)
 
 
-def ka_spec(config) -> KASpec | None:
-    """The KA setting recorded in a model config, or None when the model runs standard attention."""
+def ka_spec(config) -> KAConfig | None:
+    """The KA setting recorded in a model config (config.ka, old or new), or None when it runs standard attention."""
     section = getattr(config, CONFIG_KEY, None)
-    if not isinstance(section, dict) or section.get("attention") != "ka":
+    if not isinstance(section, (dict, KAConfig)):
         return None
-    layers = section.get("layers")
-    return KASpec(
-        layers=None if layers is None else frozenset(layers),
-        variant=section.get("variant", "ka"),
-        block_size=section.get("block_size", DEFAULT_BLOCK_SIZE),
-        kernel=section.get("kernel", "auto"),
-    )
+    spec = KAConfig.from_model_config(config)
+    return spec if spec.is_ka else None
 
 
 def _check_supported(model) -> None:
@@ -91,45 +77,44 @@ def enable_ka(model, layers=None, variant: str = "ka", kernel: str = "auto",
     `block_size` how many tokens a block holds. The
     setting lives in `model.config.ka`, so `save_pretrained` keeps it and a model loaded back (with ka_hf
     imported) runs KA again; `generate()` then uses a `KACache` by default. Extra keyword arguments are recorded
-    in the same section (e.g. how the model was trained). Returns the model.
+    as provenance, in `model.config.ka_provenance` (e.g. how the model was trained), apart from the typed
+    runtime setting (`ka_hf.KAConfig`). Returns the model.
     """
     _check_supported(model)
-    section = dict(getattr(model.config, CONFIG_KEY, None) or {})
-    _check_kernel(kernel, variant, block_size)
-    section.update(record)
-    section.update(attention="ka", layers=None if layers is None else sorted(int(i) for i in layers), variant=variant,
-                   kernel=kernel, block_size=block_size)
-    setattr(model.config, CONFIG_KEY, section)
+    setting = KAConfig(attention="ka", layers=None if layers is None else [int(i) for i in layers], variant=variant,
+                       kernel=kernel, block_size=block_size)
+    _set_config(model.config, setting, record)
     return model
 
 
-def _check_kernel(kernel, variant, block_size) -> None:
-    try:
-        check_kernel(kernel, variant, block_size)
-    except ValueError as error:
-        raise KAError(str(error)) from None
+def _set_config(config, setting: KAConfig, record: dict) -> None:
+    """config.ka = the setting; `record` (and the records of an old flat section) go to config.ka_provenance."""
+    if record or provenance(config) and not isinstance(getattr(config, PROVENANCE_KEY, None), dict):
+        record_provenance(config, **record)
+    setattr(config, CONFIG_KEY, setting.to_dict())
 
 
 def disable_ka(model):
-    """Back to standard attention for cache-less forwards (the config's record is kept). Returns the model."""
-    section = dict(getattr(model.config, CONFIG_KEY, None) or {})
-    section["attention"] = "standard"
-    setattr(model.config, CONFIG_KEY, section)
+    """Back to standard attention for cache-less forwards (the other settings and the provenance are kept).
+    Returns the model."""
+    current = KAConfig.from_model_config(model.config) or KAConfig()
+    _set_config(model.config, current.replace(attention="standard"), {})
     return model
 
 
 @contextlib.contextmanager
 def _config_ka_within(model, set_section):
-    had_section = hasattr(model.config, CONFIG_KEY)
-    previous = getattr(model.config, CONFIG_KEY, None)
+    saved = {key: (hasattr(model.config, key), getattr(model.config, key, None))
+             for key in (CONFIG_KEY, PROVENANCE_KEY)}
     set_section(model)
     try:
         yield model
     finally:
-        if had_section:
-            setattr(model.config, CONFIG_KEY, previous)
-        else:  # leave no `"ka": null` behind for save_pretrained
-            delattr(model.config, CONFIG_KEY)
+        for key, (had, previous) in saved.items():
+            if had:
+                setattr(model.config, key, previous)
+            elif hasattr(model.config, key):  # leave no `"ka": null` behind for save_pretrained
+                delattr(model.config, key)
 
 
 def exact_ka(model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE):

@@ -56,7 +56,7 @@ def test_report_tables_are_filled_from_this_run(study):
 def test_models_record_the_facts_they_saw(study):
     out, _ = study
     config = json.loads((out / "train-ka" / "best" / "config.json").read_text())
-    assert config["ka"]["attention"] == "ka" and config["ka"]["training"]["facts"]["n"] == TINY["facts"]
+    assert config["ka"]["attention"] == "ka" and config["ka_provenance"]["training"]["facts"]["n"] == TINY["facts"]
 
 
 def test_presets_and_errors():
@@ -81,3 +81,14 @@ def test_each_model_can_be_published_with_its_results(study):
     card = hub.build_card(out / "train-ka" / "best", found)
     values = [metric.metric_value for metric in card.data.eval_results]
     assert record["inference"]["ka"][1]["ppl"] in values
+
+
+def test_the_study_writes_the_records_the_scripts_write(study):
+    from ka_hf.study import records
+
+    out, _ = study
+    assert isinstance(records.read(out / "results.json"), records.StudyRecord)
+    for model in ("train-standard", "train-ka"):
+        assert isinstance(records.read(out / model / "results.json", "train"), records.TrainRecord)
+        assert isinstance(records.read(out / model / "eval" / "results.json", "eval"), records.EvalRecord)
+        assert isinstance(records.read(out / model / "reversal" / "results.json", "reversal"), records.ReversalRecord)

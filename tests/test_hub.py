@@ -18,6 +18,7 @@ from ka_hf.study.data import default_corpus
 from ka_hf.study.evaluation import PplRun, run_ppl_eval
 from ka_hf.study.fit_adapters import fit_adapter_least_squares
 from ka_hf.study.models import load_tokenizer, model_config
+from ka_hf.study.records import AdapterFitRecord
 from ka_hf.study.training import TrainConfig, train
 
 from conftest import load_script
@@ -193,7 +194,7 @@ def test_adapter_folder_reattaches(ka_run, tmp_path):
     fit = {"model": "runs/standard/best", "adapter": str(adapter_dir), "val_blocks": 4, "seq_len": 12,
            "ppl": {"kv": 90.0, "ka": 120.0, "ka+adapter (least squares)": 100.0,
                    "ka+adapter (least squares) gap recovered": 2 / 3}, "fit": adapter.fit_record}
-    (adapter_dir / "results.json").write_text(json.dumps(fit))
+    (adapter_dir / "results.json").write_text(json.dumps(AdapterFitRecord(**fit, environment={}).to_dict()))
 
     folder = tmp_path / "folder"
     push_script.main(["--model", str(tmp_path / "standard" / "best"), "--adapter", str(adapter_dir),

@@ -224,7 +224,7 @@ def test_script_end_to_end(model_dir, tmp_path):
     record = json.loads((out / "results.json").read_text())
     facts = record["facts"]
     assert (facts["n"], facts["seed"], facts["trained_on"]) == (3, 7, "forward")
-    assert facts["source"] == "config.ka['training']['facts']"
+    assert facts["source"] == "config.ka_provenance['training']['facts']"
     assert list(record["results"]) == ["kv", "ka", "ka-hybrid"] and record["splits"] == ["test", "train"]
     assert record["results"]["kv"]["splits"]["test"]["forward"]["sentences"] == 3 * 2
     assert {"torch", "transformers", "device"} <= set(record["environment"])

@@ -56,8 +56,8 @@ def test_short_run_lowers_the_loss(tmp_path, text_file, ka_run, attention):
     for name in ("epochs.md", "results.json", "curves.png", "best/model.safetensors", "best/tokenizer.json"):
         assert (result.out_dir / name).is_file(), name
     assert "| Epoch | Train PPL | Val PPL | Epoch s | Note |" in (result.out_dir / "epochs.md").read_text()
-    section = load_model(str(result.best_dir)).config.ka
-    assert section["attention"] == attention and section["training"]["best_epoch"] == result.best_epoch
+    config = load_model(str(result.best_dir)).config
+    assert config.ka["attention"] == attention and config.ka_provenance["training"]["best_epoch"] == result.best_epoch
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, ka_run):

@@ -2,6 +2,8 @@
 
     python -m ka_hf.experiment --preset quick --out runs/quick      # offline, 2-core CPU, under 10 minutes
     python -m ka_hf.experiment --preset seed --out runs/seed        # the original protocol, for a GPU
+    python -m ka_hf.experiment --preset quick --out runs/quick --resume      # continue an interrupted run
+    python -m ka_hf.experiment --preset quick --out runs/quick --overwrite   # start again, replacing it
 
 The path from data to report, in order (each step's work lives in its own module):
 
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 
 from ka_hf.adapters import save_adapter
+from ka_hf.config import PROVENANCE_KEY
 from ka_hf.errors import KAError
 
-from . import report
+from . import files, report
 from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
@@ -43,7 +46,8 @@ from .evaluation.run import position_gaps
 from .facts import make_facts, training_texts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
-from .training import TrainConfig, epoch_notes, train
+from .records import EvalRecord, ReversalRecord
+from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
 
 @dataclass
 class ExperimentConfig:
@@ -146,19 +150,22 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
     corpus = [_one_line(text) for text in train_texts + fact_texts]
     random.Random(config.seed).shuffle(corpus)  # facts spread through the epochs, not in one block
     data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "train.txt").write_text("\n".join(corpus) + "\n")
-    (data_dir / "validation.txt").write_text("\n".join(_one_line(t) for t in val_texts) + "\n")
+    files.write_text(data_dir / "train.txt", "\n".join(corpus) + "\n")
+    files.write_text(data_dir / "validation.txt", "\n".join(_one_line(t) for t in val_texts) + "\n")
     return dict(source=source, train_texts=len(train_texts), validation_texts=len(val_texts),
                 fact_texts=len(fact_texts), facts=dict(n=config.facts, seed=config.facts_seed,
                                                         include=config.facts_include),
                 train_file=str(data_dir / "train.txt"), validation_file=str(data_dir / "validation.txt"))
 
 
-def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path) -> Path:
+def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path, resume: bool = False) -> Path:
+    """out/tokenizer: trained on the training text (kept as it is when resuming a run that has it)."""
+    if resume and (out / "tokenizer" / "tokenizer_config.json").is_file():
+        return out / "tokenizer"
     texts = Path(data["train_file"]).read_text().splitlines()
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-    tokenizer.save_pretrained(out / "tokenizer")
+    with files.staged_dir(out / "tokenizer") as staging:
+        tokenizer.save_pretrained(staging)
     return out / "tokenizer"
 
 
@@ -166,7 +173,9 @@ def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path) -> P
 # 3. training
 
 
-def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path):
+def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path,
+                resume: bool = False):
+    """One model in out/train-ATTENTION; resume: continue it from its checkpoint when it has one."""
     train_config = TrainConfig(
         out=str(out / f"train-{attention}"), attention=attention, arch=config.arch, num_layers=config.num_layers,
         hidden_size=config.hidden_size, num_heads=config.num_heads, intermediate_size=config.intermediate_size,
@@ -175,18 +184,19 @@ def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, atten
         seq_len=config.seq_len, epochs=config.epochs, patience=config.patience, lr=config.lr,
         batch_size=config.batch_size, seed=config.seed, cpu=config.cpu, progress=config.progress,
     )
-    result = train(train_config, overwrite=True)
+    resume = resume and (Path(train_config.out) / "last" / TRAINER_STATE).is_file()
+    result = train(train_config, resume=resume, overwrite=not resume)
     _record_facts(result.best_dir, data["facts"])
     return result
 
 
 def _record_facts(model_dir: Path, facts: dict) -> None:
-    """config.ka["training"]["facts"]: which facts the model saw (read back by examples/reversal_curse.py)."""
+    """The model's provenance["training"]["facts"]: which facts it saw (read back by examples/reversal_curse.py)."""
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text())
-    section = config.setdefault("ka", {})
+    section = config.setdefault(PROVENANCE_KEY, {})
     section.setdefault("training", {})["facts"] = facts
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    files.write_json(config_path, config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,11 +213,13 @@ def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Pa
     started = time.perf_counter()
     least_squares = fit_adapter_least_squares(model, batches, progress=config.progress)
     fit_seconds = time.perf_counter() - started
-    save_adapter(least_squares, out / "adapters" / "least-squares")
+    with files.staged_dir(out / "adapters" / "least-squares") as staging:
+        save_adapter(least_squares, staging)
 
     distilled = copy.deepcopy(least_squares)  # distillation starts from the least-squares fit
     history = distill_adapter(model, distilled, batches, steps=config.distill_steps, progress=config.progress)
-    save_adapter(distilled, out / "adapters" / "distilled")
+    with files.staged_dir(out / "adapters" / "distilled") as staging:
+        save_adapter(distilled, staging)
     return dict(
         adapters={"least-squares": least_squares, "distilled": distilled},
         record=dict(fit_blocks=len(blocks), seq_len=config.seq_len, least_squares_seconds=fit_seconds,
@@ -250,10 +262,47 @@ def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
 # the whole study
 
 
-def run_experiment(config: ExperimentConfig) -> dict:
-    """Run every step; returns the results record (also written to DIR/results.json with DIR/report.md)."""
+STUDY_CONFIG = "study_config.json"
+
+
+def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check DIR before anything is written or deleted: a folder with earlier results needs overwrite (start
+    again) or resume (continue an interrupted run with the same settings: data and tokenizer kept, each model's
+    training continued from its checkpoint, the later steps run again)."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    saved = out / STUDY_CONFIG
+    if resume and not overwrite:
+        if not saved.is_file():
+            if files.holds_results(out):
+                raise KAError(f"{out} holds no study run to resume (no {STUDY_CONFIG}): pass --overwrite to "
+                              "replace what it holds, or choose another --out")
+            raise KAError(f"{out} holds no study run to resume: run it without --resume")
+        previous, current = json.loads(saved.read_text()), _jsonable_config(config)
+        if previous != current:
+            changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+            raise KAError(f"{out} was run with other settings ({', '.join(changed)}): resume it with the same "
+                          "flags, or pass --overwrite to start again")
+        return out
+    files.check_out_dir(out, overwrite, flags="--resume (continue it) or --overwrite (start again)")
+    for name in ("report.md", "results.json"):  # no report left pointing at models that are being replaced
+        (out / name).unlink(missing_ok=True)
+    files.write_json(saved, _jsonable_config(config))
+    return out
+
+
+def _jsonable_config(config: ExperimentConfig) -> dict:
+    values = dataclasses.asdict(config)
+    values.pop("progress")
+    return json.loads(json.dumps(values))
+
+
+def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run every step; returns the results record (also written to DIR/results.json with DIR/report.md).
+
+    A DIR with earlier results is refused (KAError) unless overwrite=True or resume=True (see prepare_out_dir).
+    """
+    out = prepare_out_dir(config, overwrite, resume)
+    resume = resume and not overwrite
     started = time.perf_counter()
     timings = {}
 
@@ -263,9 +312,10 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
     step.last = started
     data = prepare_data(config, out)
-    tokenizer_dir = train_shared_tokenizer(config, data, out)
+    tokenizer_dir = train_shared_tokenizer(config, data, out, resume)
     step("data and tokenizer")
-    trained = {attention: train_model(config, data, tokenizer_dir, attention, out) for attention in ("standard", "ka")}
+    trained = {attention: train_model(config, data, tokenizer_dir, attention, out, resume)
+               for attention in ("standard", "ka")}
     step("training")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
@@ -329,18 +379,18 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
 
 def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
-    """Each model's own eval and reversal results.json, in eval_ppl's and reversal_curse's shapes, next to its
-    checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
+    """Each model's own eval and reversal results.json, the same records eval_ppl.py and reversal_curse.py write,
+    next to its checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
     run_dir = Path(model_dir).parent
     model = dict(path=str(model_dir))
     windows = record["windows"]
-    report.write_json(run_dir / "eval" / "results.json", dict(
+    report.write_json(run_dir / "eval" / "results.json", EvalRecord(
         command=record["command"], model=model, method="parallel", windows=windows,
         run=dict(model=str(model_dir), text_file=windows["source"], split="validation",
                  max_length=windows["max_length"], stride=windows["stride"]),
         results=record["inference"][attention], environment=record["environment"]))
     facts = record["data"]["facts"]
-    report.write_json(run_dir / "reversal" / "results.json", dict(
+    report.write_json(run_dir / "reversal" / "results.json", ReversalRecord(
         command=record["command"], model=model, results=record["reversal"][attention],
         facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
         splits=["test", "train"] if record["config"]["reversal_split"] == "both" else [record["config"]["reversal_split"]],
@@ -407,6 +457,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out (same flags): finished steps are kept")
     args = parser.parse_args(argv)
 
     @user_errors_exit_2
@@ -416,7 +469,7 @@ def main(argv=None):
             dataset_config=args.dataset_config, text_column=args.text_column, facts=args.facts,
             facts_include=args.facts_include, epochs=args.epochs, samples=args.samples, seed=args.seed,
             cpu=args.cpu or None, progress=not args.no_progress)
-        record = run_experiment(config)
+        record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
         print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")
 
     run()

@@ -12,6 +12,7 @@ from . import report
 from .evaluation.run import table_rows
 from .evaluation.reversal import TABLE_COLUMNS as REVERSAL_COLUMNS
 from .evaluation.reversal import table_rows as reversal_rows
+from .records import StudyRecord
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
 
 INFERENCE_COLUMNS = [
@@ -215,6 +216,6 @@ def write_experiment_report(record: dict, out: Path) -> dict:
             "train-standard/best/ (standard model)", "train-ka/best/ (KA model)", "adapters/", "data/", "tokenizer/")),
     ]
     report_path = out / "report.md"
-    report_path.write_text("\n\n".join(sections) + "\n")
-    results_path = report.write_json(out / "results.json", record)
+    report.write_text(report_path, "\n\n".join(sections) + "\n")
+    results_path = report.write_json(out / "results.json", StudyRecord.build(record))
     return dict(report=report_path, results=results_path, **plots)

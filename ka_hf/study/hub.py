@@ -15,8 +15,8 @@ config.ka["attention"] == "ka" runs exact KA in every forward and generate() use
 
 The card templates live in model_cards/ at the repository root, one copy, found next to this package (a source
 checkout or `pip install -e .`) or, for a wheel install, under <prefix>/share/ka_hf/model_cards; or pass
-`template_dir=`. Results files are read tolerantly: a section whose
-file is missing, or whose fields are, is left out of the card (KA-SPEC §5 defines the metrics).
+`template_dir=`. Results files are typed records (ka_hf.study.records: each says its `kind`); a section whose
+file is missing, or whose optional fields are, is left out of the card (KA-SPEC §5 defines the metrics).
 """
 
 import json
@@ -30,10 +30,12 @@ from ka_hf.adapters import CONFIG_NAME as ADAPTER_CONFIG
 from ka_hf.adapters import FORMAT as ADAPTER_FORMAT
 from ka_hf.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from ka_hf.adapters import attention_shape, load_adapter
+from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
-from . import report
+from . import files, records, report
+from .records import AdapterFitRecord, EvalRecord, Record, ReversalRecord, TrainRecord
 
 # One copy of the templates: model_cards/ of the repository (a checkout or `pip install -e .`); a wheel installs
 # the same files as data under <prefix>/share/ka_hf/model_cards (pyproject.toml's data-files).
@@ -124,31 +126,10 @@ def _read_json(path) -> dict:
 # Results files: what each one is, and where they are
 
 
-def results_kind(record: dict) -> str | None:
-    """Which writer made a results.json, from its shape: "train" (ka_hf.study.training), "eval" (eval_ppl),
-    "reversal" (reversal_curse.py), "adapter_fit" (fit_adapter.py), or None."""
-    results = record.get("results")
-    if isinstance(record.get("epochs"), list) and "best_val_ppl" in record:
-        return "train"
-    if isinstance(results, list) and results and all(isinstance(r, dict) and "mode" in r for r in results):
-        return "eval"
-    if isinstance(results, dict) and results and all(isinstance(r, dict) and "splits" in r for r in results.values()):
-        return "reversal"
-    if isinstance(record.get("ppl"), dict) and "fit" in record:
-        return "adapter_fit"
-    return None
-
-
-def read_results(path, kind: str) -> dict:
-    """The record in `path`, checked to be a `kind` results.json."""
-    record = _read_json(path)
-    found = results_kind(record)
-    if found != kind:
-        writers = dict(train="examples/train.py", eval="examples/eval_ppl.py", reversal="examples/reversal_curse.py",
-                       adapter_fit="examples/fit_adapter.py")
-        raise KAError(f"{path} is not the results.json of {writers[kind]} (it looks like "
-                      f"{writers.get(found, 'something else')}'s)")
-    return record
+def read_results(path, kind: str) -> Record:
+    """The typed record in `path`, which must be a `kind` results.json (its `kind` field says so; see
+    ka_hf.study.records)."""
+    return records.read(path, kind)
 
 
 def _same_place(recorded, actual: Path) -> bool:
@@ -161,19 +142,20 @@ def _same_place(recorded, actual: Path) -> bool:
     return bool(parts) and ".." not in parts and actual.resolve().parts[-len(parts):] == parts
 
 
-def _describes(record: dict, kind: str, model_dir: Path) -> bool:
-    if kind == "train":
-        return _same_place((record.get("config") or {}).get("out"), model_dir.parent)
-    return _same_place((record.get("model") or {}).get("path"), model_dir)
+def _describes(record: Record, model_dir: Path) -> bool:
+    if isinstance(record, TrainRecord):
+        return _same_place(record.config.get("out"), model_dir.parent)
+    return _same_place(record.model.get("path"), model_dir)
 
 
 def find_results(model_dir) -> dict[str, Path]:
     """{"train"|"eval"|"reversal": path} of the results.json files next to a model directory that are about it.
 
     Looked at: the model directory's parent (a training run's out/, whose best/ is the model), the model
-    directory, and their subdirectories (e.g. runs/ka/eval/). A file counts when its shape is one of the three
-    and it names this model (training: its out/ is the parent; evaluations: their --model is this directory).
-    Several of a kind: the newest.
+    directory, and their subdirectories (e.g. runs/ka/eval/). A file counts when its record's kind is one of the
+    three and it names this model (training: its out/ is the parent; evaluations: their --model is this
+    directory). Files that are not records (other JSON, or results written before records had a kind) are
+    passed over. Several of a kind: the newest.
     """
     model_dir = Path(model_dir)
     candidates = [model_dir.parent / "results.json", model_dir / "results.json",
@@ -181,11 +163,11 @@ def find_results(model_dir) -> dict[str, Path]:
     found = {}
     for path in dict.fromkeys(candidates):
         try:
-            record = _read_json(path)
+            record = records.read(path)
         except KAError:
             continue
-        kind = results_kind(record)
-        if kind in RESULT_KINDS and _describes(record, kind, model_dir):
+        kind = record.KIND
+        if kind in RESULT_KINDS and _describes(record, model_dir):
             if kind not in found or path.stat().st_mtime > found[kind].stat().st_mtime:
                 found[kind] = path
     return {kind: found[kind] for kind in RESULT_KINDS if kind in found}
@@ -223,10 +205,10 @@ def _eval_result(dataset: dict, metric_type: str, value, name: str):
     return EvalResult(task_type=TASK, metric_type=metric_type, metric_value=value, metric_name=name, **dataset)
 
 
-def train_eval_results(record: dict) -> list:
+def train_eval_results(record: TrainRecord) -> list:
     """The best epoch's validation PPL."""
-    config = record.get("config") or {}
-    value = record.get("best_val_ppl")
+    config = record.config
+    value = record.best_val_ppl
     if not _finite(value):
         return []
     text_file = config.get("val_text_file") or config.get("text_file")
@@ -235,12 +217,12 @@ def train_eval_results(record: dict) -> list:
     return [_eval_result(dataset, "perplexity", value, "val PPL (training, best epoch)")]
 
 
-def ppl_eval_results(record: dict) -> list:
+def ppl_eval_results(record: EvalRecord) -> list:
     """One PPL per mode: "PPL (kv)", "PPL (ka)", ..."""
-    run = record.get("run") or {}
+    run = record.run
     dataset = dataset_fields(run.get("dataset"), run.get("dataset_config"), run.get("text_file"), run.get("split"))
     return [_eval_result(dataset, "perplexity", result["ppl"], f"PPL ({result['mode']})")
-            for result in record["results"] if _finite(result.get("ppl"))]
+            for result in record.results if _finite(result.get("ppl"))]
 
 
 REVERSAL_METRICS = (  # (label, metric type, where in splits[split])
@@ -259,12 +241,12 @@ def _dig(record, keys):
     return record
 
 
-def reversal_eval_results(record: dict) -> list:
+def reversal_eval_results(record: ReversalRecord) -> list:
     """Per mode and template split: forward/backward PPL, ratio, answer ratio, exact match forward/backward."""
-    facts = record.get("facts") or {}
+    facts = record.facts
     name = f"ka_hf facts: make_facts({facts.get('n', '?')}, seed={facts.get('seed', '?')})"
     results = []
-    for mode, mode_record in record["results"].items():
+    for mode, mode_record in record.results.items():
         for split, summary in (mode_record.get("splits") or {}).items():
             dataset = dict(dataset_type="ka_hf-facts", dataset_name=name, dataset_split=split)
             for label, metric_type, keys in REVERSAL_METRICS:
@@ -274,10 +256,10 @@ def reversal_eval_results(record: dict) -> list:
     return results
 
 
-def eval_results(records: dict[str, dict]) -> list:
+def eval_results(by_kind: dict[str, Record]) -> list:
     """The model-index entries of every results record given ({"train"|"eval"|"reversal": record})."""
     makers = dict(train=train_eval_results, eval=ppl_eval_results, reversal=reversal_eval_results)
-    return [result for kind, record in records.items() for result in makers[kind](record)]
+    return [result for kind, record in by_kind.items() for result in makers[kind](record)]
 
 
 def model_summary(model_dir: Path) -> dict:
@@ -294,18 +276,17 @@ def model_summary(model_dir: Path) -> dict:
                 tensor = weights.get_slice(name)
                 parameters += math.prod(tensor.get_shape())
                 dtype = dtype or tensor.get_dtype()
-    section = getattr(config, "ka", None)
-    section = section if isinstance(section, dict) else {}
-    layers = section.get("layers")
+    setting = KAConfig.from_model_config(config) or KAConfig(attention="standard")
+    layers = setting.layers
     layers_text = "every layer" if layers is None else f"layers {', '.join(map(str, layers))} (standard elsewhere)"
     return dict(
         config=config, model_type=config.model_type, parameters=parameters, parameters_text=f"{parameters / 1e6:.2f}M",
         dtype=dtype, hidden_size=config.hidden_size, **shape,
         cache_ratio=(shape["num_kv_heads"] + shape["num_heads"]) / (2 * shape["num_kv_heads"]),
-        ka_trained=section.get("attention") == "ka", ka_variant=section.get("variant", "ka"),
+        ka_trained=setting.is_ka, ka_variant=setting.variant,
         ka_layers_text=layers_text,
-        ka_section=json.dumps({key: value for key, value in section.items() if key != "training"}),
-        base_model=_hub_id((section.get("training") or {}).get("model")),
+        ka_section=json.dumps(setting.to_dict()),
+        base_model=_hub_id((provenance(config).get("training") or {}).get("model")),
     )
 
 
@@ -314,18 +295,18 @@ def _hub_id(name) -> str | None:
     return name if isinstance(name, str) and REPO_ID.match(name) and not Path(name).exists() else None
 
 
-def train_context(record: dict) -> dict:
+def train_context(record: TrainRecord) -> dict:
     from .training import TABLE_COLUMNS
 
-    config, data = record.get("config") or {}, record.get("data") or {}
-    epochs = [row for row in record.get("epochs") or [] if isinstance(row, dict)]
+    config, data = record.config, record.data
+    epochs = [row for row in record.epochs if isinstance(row, dict)]
     return dict(
-        config=config, best_epoch=record.get("best_epoch"), epochs_run=len(epochs),
-        best_val_ppl=report.format_number(record.get("best_val_ppl")),
+        config=config, best_epoch=record.best_epoch, epochs_run=len(epochs),
+        best_val_ppl=report.format_number(record.best_val_ppl),
         stopped_early=bool(epochs and epochs[-1].get("early_stop")),
-        train_seconds=report.format_number(record.get("train_seconds"), 1), data=data_name(config),
+        train_seconds=report.format_number(record.train_seconds, 1), data=data_name(config),
         train_blocks=data.get("train_blocks"), val_blocks=data.get("val_blocks"),
-        seq_len=data.get("seq_len", config.get("seq_len")), device=(record.get("environment") or {}).get("device"),
+        seq_len=data.get("seq_len", config.get("seq_len")), device=record.environment.get("device"),
         table=report.markdown_table(epochs, TABLE_COLUMNS, digits=1) if epochs else None,
     )
 
@@ -334,52 +315,52 @@ EVAL_COLUMNS = [("mode", "mode"), ("ppl", "PPL"), ("degradation_pct", "vs kv (%)
                 ("tokens_per_s", "tokens/s"), ("cache_kib", "cache (KiB)")]
 
 
-def eval_context(record: dict) -> dict:
-    run, windows = record.get("run") or {}, record.get("windows") or {}
+def eval_context(record: EvalRecord) -> dict:
+    run, windows = record.run, record.windows
     rows = [result | {"cache_kib": result["cache_bytes"] / 1024 if _finite(result.get("cache_bytes")) else None}
-            for result in record["results"]]
+            for result in record.results]
     return dict(
         data=data_name(run), split=run.get("split"), max_length=windows.get("max_length"), stride=windows.get("stride"),
         windows=windows.get("count"), scored_tokens=report.format_number(windows.get("scored_tokens")),
-        method=record.get("method"), method_description=record.get("method_description"),
-        device=(record.get("environment") or {}).get("device"), table=report.markdown_table(rows, EVAL_COLUMNS),
+        method=record.method, method_description=record.method_description,
+        device=record.environment.get("device"), table=report.markdown_table(rows, EVAL_COLUMNS),
         degradation=[(row["mode"], f"{row['degradation_pct']:+.1f}%") for row in rows
                      if row.get("mode") != "kv" and _finite(row.get("degradation_pct"))],
     )
 
 
-def reversal_context(record: dict) -> dict:
+def reversal_context(record: ReversalRecord) -> dict:
     from .evaluation.reversal import TABLE_COLUMNS, table_rows
 
     splits = []
-    first_mode = next(iter(record["results"].values()))
-    for split in record.get("splits") or list(first_mode.get("splits") or {}):
+    first_mode = next(iter(record.results.values()))
+    for split in record.splits or list(first_mode.get("splits") or {}):
         try:
-            rows = table_rows(record["results"], split)
+            rows = table_rows(record.results, split)
         except (KeyError, TypeError):  # a mode without this split, or fields missing: leave the split out
             continue
         title = "held-out templates" if split == "test" else "training templates" if split == "train" else split
         splits.append(dict(name=split, title=title, table=report.markdown_table(rows, TABLE_COLUMNS, digits=3)))
-    facts = record.get("facts") or {}
+    facts = record.facts
     return dict(n=facts.get("n"), seed=facts.get("seed"), trained_on=facts.get("trained_on", "unknown"), splits=splits)
 
 
 ADAPTER_FIT_COLUMNS = [("mode", "mode"), ("ppl", "PPL"), ("recovered", "share of the KA-vs-KV gap recovered")]
 
 
-def adapter_context(adapter_config: dict, fit_record: dict | None) -> dict:
+def adapter_context(adapter_config: dict, fit_record: AdapterFitRecord | None) -> dict:
     """The adapter's kind, how it was fitted (in words), and fit_adapter.py's PPL table (when its results.json is
     in the adapter folder)."""
     fit = adapter_config.get("fit") or {}
     table = None
     if fit_record is not None:
-        ppl = fit_record["ppl"]
+        ppl = fit_record.ppl
         rows = [dict(mode=name, ppl=value, recovered=ppl.get(f"{name} gap recovered"))
                 for name, value in ppl.items() if not name.endswith(" gap recovered")]
         table = report.markdown_table(rows, ADAPTER_FIT_COLUMNS, digits=3)
     return dict(kind=adapter_config.get("kind"), mlp_hidden=adapter_config.get("mlp_hidden"), fitted=fit_words(fit),
-                fit_table=table, fit_val_blocks=(fit_record or {}).get("val_blocks"),
-                fit_seq_len=(fit_record or {}).get("seq_len"))
+                fit_table=table, fit_val_blocks=fit_record.val_blocks if fit_record else None,
+                fit_seq_len=fit_record.seq_len if fit_record else None)
 
 
 def fit_words(fit: dict) -> str:
@@ -428,7 +409,7 @@ def build_card(model_dir, results: dict[str, Path] | None = None, kind: str | No
     unknown = set(results or {}) - set(RESULT_KINDS)
     if unknown:
         raise KAError(f"unknown results kind(s) {sorted(unknown)}: use {', '.join(RESULT_KINDS)}")
-    records = {key: read_results(path, key) for key, path in (results or {}).items() if path is not None}
+    found = {key: read_results(path, key) for key, path in (results or {}).items() if path is not None}
     model = model_summary(model_dir)
     adapter = None
     if adapter_dir is not None:
@@ -439,26 +420,26 @@ def build_card(model_dir, results: dict[str, Path] | None = None, kind: str | No
     name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
     tags = ["ka-cache", "ka-attention", "ka_hf", model["model_type"],
             "ka-trained" if model["ka_trained"] else "ka-adapter" if adapter else "standard-attention"]
-    datasets = _hub_datasets(records)
+    datasets = _hub_datasets(found)
     card_data = ModelCardData(
         model_name=name, library_name="transformers", pipeline_tag=TASK, license=license, tags=tags,
-        datasets=datasets or None, base_model=model["base_model"], eval_results=eval_results(records) or None,
+        datasets=datasets or None, base_model=model["base_model"], eval_results=eval_results(found) or None,
     )
     context = dict(
         model_name=name, repo_id=repo_id or "USER/NAME", model=model, adapter=adapter,
-        training=train_context(records["train"]) if "train" in records else None,
-        evaluation=eval_context(records["eval"]) if "eval" in records else None,
-        reversal=reversal_context(records["reversal"]) if "reversal" in records else None,
+        training=train_context(found["train"]) if "train" in found else None,
+        evaluation=eval_context(found["eval"]) if "eval" in found else None,
+        reversal=reversal_context(found["reversal"]) if "reversal" in found else None,
         ka_hf_version=ka_hf.__version__, transformers_version=transformers.__version__,
         huggingface_hub_version=huggingface_hub.__version__, reversal_paper=REVERSAL_PAPER,
     )
     return ModelCard.from_template(card_data, template_path=str(template_path(kind, template_dir)), **context)
 
 
-def _hub_datasets(records: dict) -> list[str]:
+def _hub_datasets(by_kind: dict[str, Record]) -> list[str]:
     """Hub dataset ids the results were measured on (local files and the default corpus are not Hub datasets)."""
-    names = [(records.get("train", {}).get("config") or {}).get("dataset"),
-             (records.get("eval", {}).get("run") or {}).get("dataset")]
+    names = [by_kind["train"].config.get("dataset") if "train" in by_kind else None,
+             by_kind["eval"].run.get("dataset") if "eval" in by_kind else None]
     return list(dict.fromkeys(name for name in names if name))
 
 
@@ -472,15 +453,11 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _prepare_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise KAError(f"{out_dir} exists and is not empty: choose another folder or pass --overwrite")
-        resolved = out_dir.resolve()
-        if any(resolved == path.resolve() or resolved in path.resolve().parents for path in inputs):
-            raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _check_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    files.check_out_dir(out_dir, overwrite, option="--folder")
+    resolved = out_dir.resolve()
+    if any(resolved == path.resolve() or resolved in path.resolve().parents for path in inputs):
+        raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")
 
 
 def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, adapter_dir=None,
@@ -488,23 +465,26 @@ def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, 
                     template_dir=None) -> list[Path]:
     """Write the folder to upload: model files (MODEL_FILES), adapter/ (when adapter_dir), results/<kind>.json
     (+ adapter_fit.json), README.md (the card). Returns the files written, sorted. The card is built first, so
-    bad inputs fail before anything is written."""
+    bad inputs fail before anything is written; a non-empty out_dir is refused unless overwrite, and the folder
+    is built complete next to it before it replaces it."""
     card = build_card(model_dir, results, adapter_dir=adapter_dir, repo_id=repo_id, license=license,
                       template_dir=template_dir)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     results = {key: Path(path) for key, path in (results or {}).items() if path is not None}
     inputs = [model_dir, *results.values()] + ([Path(adapter_dir)] if adapter_dir is not None else [])
-    _prepare_upload_dir(out_dir, inputs, overwrite)
-    files = [_copy(path, out_dir / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
-    files += [_copy(path, out_dir / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
-    if adapter_dir is not None:
-        adapter_dir = Path(adapter_dir)
-        files += [_copy(adapter_dir / name, out_dir / ADAPTER_SUBDIR / name)
-                  for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-        if (adapter_dir / "results.json").is_file():
-            files.append(_copy(adapter_dir / "results.json", out_dir / RESULTS_SUBDIR / "adapter_fit.json"))
-    card.save(out_dir / "README.md")
-    return sorted(dict.fromkeys(files + [out_dir / "README.md"]))
+    _check_upload_dir(out_dir, inputs, overwrite)
+    with files.staged_dir(out_dir) as staging:
+        names = [_copy(path, staging / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
+        names += [_copy(path, staging / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
+        if adapter_dir is not None:
+            adapter_dir = Path(adapter_dir)
+            names += [_copy(adapter_dir / name, staging / ADAPTER_SUBDIR / name)
+                      for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            if (adapter_dir / "results.json").is_file():
+                names.append(_copy(adapter_dir / "results.json", staging / RESULTS_SUBDIR / "adapter_fit.json"))
+        card.save(staging / "README.md")
+        names.append(staging / "README.md")
+    return sorted(dict.fromkeys(out_dir / path.relative_to(staging) for path in names))
 
 
 def push(folder, repo_id: str, private: bool = False, token: str | None = None,

@@ -1,13 +1,13 @@
 """Reports: JSON records, markdown tables, the run's environment, PNG plots. Functions return or write; they
-compute no metrics."""
+compute no metrics. Files are written atomically by ka_hf.study.files (re-exported here)."""
 
-import json
 import math
 import os
 import platform
-from pathlib import Path
 
 import torch
+
+from .files import check_out_dir, save_plot, write_json, write_text  # noqa: F401  (the writers' one home)
 
 
 def environment() -> dict:
@@ -29,23 +29,6 @@ def environment() -> dict:
         "platform": platform.platform(),
         "device": device,
     }
-
-
-def write_json(path, record) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
-    return path
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def format_number(value, digits: int = 2) -> str:
@@ -70,21 +53,3 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]], digits: int
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(format_number(row.get(key), digits) for key, _ in columns) + " |" for row in rows]
     return "\n".join([header, rule, *body])
-
-
-def save_plot(path, draw) -> Path:
-    """Create a figure, let `draw(ax)` fill it, save it as PNG and close it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    draw(ax)
-    ax.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path

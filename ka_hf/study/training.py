@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ka_hf.errors import KAError
-from ka_hf.integration import enable_ka
+from ka_hf.config import record_provenance
+from ka_hf.integration import disable_ka, enable_ka
 
-from . import report
+from . import files, report
 from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
+from .records import TrainRecord
 
 ATTENTIONS = ("standard", "ka")
 VARIANTS = ("ka", "plan2")
@@ -250,7 +252,7 @@ def build_model(config: TrainConfig, tokenizer):
 
 
 def training_record(config: TrainConfig, **extra) -> dict:
-    """What config.ka["training"] says about how the model was trained."""
+    """What the model's provenance (config.ka_provenance["training"]) says about how it was trained."""
     keys = ("attention", "variant", "ka_layers", "model", "dataset", "dataset_config", "split", "text_file",
             "samples", "seq_len", "epochs", "patience", "lr", "batch_size", "weight_decay", "lr_schedule",
             "warmup_steps", "seed")
@@ -260,12 +262,13 @@ def training_record(config: TrainConfig, **extra) -> dict:
 
 
 def set_attention(model, config: TrainConfig, record: dict) -> None:
-    """KA: enable_ka records the layers and variant; standard: config.ka says so (and keeps the record)."""
+    """config.ka: KA on the layers and variant trained with, or standard; the training record goes to the
+    model's provenance (config.ka_provenance["training"])."""
     if config.attention == "ka":
         enable_ka(model, layers=config.ka_layers, variant=config.variant, training=record)
     else:
-        previous = getattr(model.config, "ka", None) or {}
-        model.config.ka = dict(previous) | {"attention": "standard", "training": record}
+        disable_ka(model)
+        record_provenance(model.config, training=record)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,27 +347,41 @@ def load_train_config(out_dir) -> TrainConfig:
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool, accelerator) -> Path:
-    """Check `out` (every process, before anything is written), then let the main process set it up."""
+    """Check `out` (every process, before anything is written or deleted), then let the main process set it up.
+
+    A folder with a checkpoint continues with --resume; anything else in it (a finished run, a run that failed
+    before its first checkpoint, other files) is replaced only with --overwrite. `resume` and `overwrite`
+    together restart the run in `out` from scratch with its saved settings.
+    """
     out = Path(config.out)
-    if resume and not (out / "last" / TRAINER_STATE).is_file():
-        raise KAError(f"{out} has no checkpoint to resume from (expected {out / 'last' / TRAINER_STATE}); "
-                      "start the run without --resume")
-    holds_run = (out / "train_config.json").exists() or (out / "last").exists()
-    if not resume and holds_run and not overwrite:
-        raise KAError(f"{out} already holds a training run: continue it with --resume {out}, "
-                      "or pass --overwrite, or choose another --out")
+    has_checkpoint = (out / "last" / TRAINER_STATE).is_file()
+    if resume and not has_checkpoint:
+        raise KAError(f"{out} has no checkpoint to resume from (the run stopped before its first epoch ended): "
+                      f"restart it with --resume {out} --overwrite")
+    elif not resume and not overwrite and files.holds_results(out):
+        if has_checkpoint:
+            raise KAError(f"{out} already holds a training run: continue it with --resume {out}, or restart it "
+                          "with --overwrite, or choose another --out")
+        if (out / "train_config.json").is_file():
+            raise KAError(f"{out} holds a training run that stopped before its first checkpoint: restart it with "
+                          f"--resume {out} --overwrite, or choose another --out")
+        files.check_out_dir(out)
     accelerator.wait_for_everyone()
     if not resume and accelerator.is_main_process:
         for name in ("last", "best", "tokenizer"):
             shutil.rmtree(out / name, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_json(out / "train_config.json", config.to_dict())
+        for name in ("results.json", "epochs.md", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+        files.write_json(out / "train_config.json", config.to_dict())
     accelerator.wait_for_everyone()
     return out
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on_epoch_end=None) -> TrainResult:
     """Train per `config`; with resume=True continue the run in config.out from its last finished epoch.
+
+    A config.out that holds anything is refused (KAError) unless resume=True (it has a checkpoint) or
+    overwrite=True (replace it); resume=True with overwrite=True restarts it from scratch.
 
     on_epoch_end(record) is called after each epoch's checkpoint is written (e.g. for logging). Returns the
     TrainResult; the files are described in this module's docstring.
@@ -374,6 +391,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
     from transformers import get_scheduler
 
     check_config(config)
+    resume = resume and not overwrite  # both: restart the run in config.out (its settings read back by the caller)
     accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     out = _prepare_run_dir(config, resume, overwrite, accelerator)
     log = accelerator.print
@@ -381,8 +399,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
     train_texts, val_texts, source = load_data_texts(config)
     with accelerator.main_process_first():  # the main process trains and saves it; the others load it
         tokenizer = prepare_tokenizer(config, train_texts, out / "tokenizer")
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(out / "tokenizer")
+        if accelerator.is_main_process and not resume:
+            with files.staged_dir(out / "tokenizer") as staging:
+                tokenizer.save_pretrained(staging)
     train_blocks, val_blocks = make_blocks(config, tokenizer, train_texts, val_texts)
     log(f"data: {source}: {len(train_blocks)} training and {len(val_blocks)} validation blocks of "
         f"{config.seq_len} tokens; vocabulary {len(tokenizer)}")
@@ -422,9 +441,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
         _update_state(state, record, config)
         if record["best"]:
             _save_best(accelerator, model, tokenizer, config, state, out / "best")
-        accelerator.save_state(str(out / "last"))
-        if accelerator.is_main_process:
-            report.write_json(out / "last" / TRAINER_STATE, dataclasses.asdict(state))
+        _save_last(accelerator, state, out)
         log(f"epoch {epoch}: train PPL {record['train_ppl']:.2f}, val PPL {record['val_ppl']:.2f}, "
             f"{seconds:.1f} s{'  * best so far' if record['best'] else ''}")
         if on_epoch_end is not None:
@@ -495,8 +512,23 @@ def _save_best(accelerator, model, tokenizer, config, state: RunState, best_dir:
                   epochs_seen=state.epochs_done)
     set_attention(unwrapped, config, training_record(config, **status))
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(best_dir, safe_serialization=True)
-        tokenizer.save_pretrained(best_dir)
+        with files.staged_dir(best_dir) as staging:
+            unwrapped.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+
+
+def _save_last(accelerator, state: RunState, out: Path) -> None:
+    """last/: accelerate's state + trainer_state.json, built complete under a temporary name, then swapped in."""
+    staging = out / (files.PARTIAL_PREFIX + "last")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))  # every process (each saves its own RNG state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files.write_json(staging / TRAINER_STATE, dataclasses.asdict(state))
+        files.replace_dir(staging, out / "last")
+    accelerator.wait_for_everyone()
 
 
 def _result(out: Path, state: RunState) -> TrainResult:
@@ -534,8 +566,8 @@ def write_reports(out: Path, config: TrainConfig, state: RunState, source: str, 
     title = f"{config.attention} attention" + (f" ({config.variant})" if config.attention == "ka" else "")
     table = report.markdown_table(rows, TABLE_COLUMNS, digits=1)
     summary = f"**Best: epoch {state.best_epoch}, val PPL = {state.best_val_ppl:.1f}**"
-    (out / "epochs.md").write_text(f"## Training results ({title})\n\n{table}\n\n{summary}\n")
-    report.write_json(out / "results.json", dict(
+    files.write_text(out / "epochs.md", f"## Training results ({title})\n\n{table}\n\n{summary}\n")
+    files.write_json(out / "results.json", TrainRecord(
         config=config.to_dict(), data=dict(source=source, train_blocks=n_train, val_blocks=n_val,
                                            seq_len=config.seq_len),
         epochs=rows, best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,

@@ -37,6 +37,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from ka_hf.config import provenance
 from ka_hf.errors import KAError
 
 from ..facts import answer_span_labels, fact_sentences
@@ -249,9 +250,9 @@ def reversal_metrics(model, tokenizer, facts, modes, split: str = "both", adapte
 
 
 def recorded_facts(config) -> dict:
-    """config.ka["training"]["facts"] = {"n": int, "seed": int, "include": "forward"|"backward"|"both"}, or {}."""
-    section = getattr(config, "ka", None)
-    training = section.get("training") if isinstance(section, dict) else None
+    """The model's provenance["training"]["facts"] = {"n": int, "seed": int, "include": "forward"|"backward"|"both"},
+    or {} (config.ka_provenance; an older config.json: its flat config.ka)."""
+    training = provenance(config).get("training")
     facts = training.get("facts") if isinstance(training, dict) else None
     return dict(facts) if isinstance(facts, dict) else {}
 

@@ -17,6 +17,7 @@ from ka_hf.integration import SUPPORTED_ARCHITECTURES
 from .. import report
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
+from ..records import EvalRecord
 from .modes import DEFINITIONS, layer_sweep_modes, parse_modes
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 
@@ -55,12 +56,15 @@ class PplRun:
     threads: int | None = None
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False  # replace the results already in `out`
 
 
 def run_ppl_eval(run: PplRun) -> dict | None:
-    """Run it; returns the results record on the main process (with a printable "summary"), None elsewhere."""
+    """Run it; returns the results record on the main process (with a printable "summary"), None elsewhere.
+    An `out` that holds earlier results is refused (KAError) unless run.overwrite."""
     from accelerate import Accelerator
 
+    report.check_out_dir(run.out, run.overwrite)
     if run.threads:
         torch.set_num_threads(run.threads)
     accelerator = Accelerator(cpu=run.cpu or not torch.cuda.is_available(), mixed_precision=run.mixed_precision)
@@ -299,9 +303,9 @@ def write_report(record: dict, out: Path) -> list[str]:
         files.append(plot_nll_gap_by_position(record, out / "nll_gap_by_position.png"))
     if record.get("layer_sweep"):
         files.append(plot_layer_sweep(record, out / "layer_sweep.png"))
-    (out / "results.md").write_text(results_markdown(record) + "\n")
+    report.write_text(out / "results.md", results_markdown(record) + "\n")
     names = ["results.json", "results.md"] + [Path(path).name for path in files]
-    report.write_json(out / "results.json", record | {"files": names})
+    report.write_json(out / "results.json", EvalRecord.build(record | {"files": names}))
     return names
 
 
