@@ -8,7 +8,7 @@ import torch
 
 import ka_hf
 from ka_hf import KACache, KAError, KAWindowLayer, cache_nbytes, window_attention_mask
-from ka_hf.ops import causal_allowed, ka_attention, ka_attention_naive
+from ka_hf.ops import causal_allowed, ka_attention, ka_attention_blocked, ka_attention_naive
 
 from conftest import VOCAB, tiny_model
 
@@ -42,10 +42,17 @@ def test_blocked_kernel_at_long_length_equals_the_loop(block_size, n_past):
     assert (blocked - reference).abs().max() < 1e-10
     no_mask = ka_attention(q, k, v, past_outputs=past, scale=0.3, block_size=block_size, kernel="blocked")
     assert (no_mask - ka_attention_naive(q, k, v, past_outputs=past, scale=0.3)).abs().max() < 1e-10
+    explicit = ka_attention_blocked(q, k, v, past_outputs=past, allowed=allowed, scale=0.3, block_size=block_size,
+                                    fused=False)  # the past as other devices compute it
+    assert (explicit - reference).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("softcap,window,sink", [(None, None, 0), (None, 50, 4), (3.0, None, 0), (3.0, 50, 0)])
-def test_blocked_gradients_at_long_length_equal_autograd_through_the_loop(softcap, window, sink):
+# fused=False: the explicit-tile past that non-CPU devices (and softcapped models) run
+@pytest.mark.parametrize("softcap,window,sink,fused", [
+    (None, None, 0, True), (None, 50, 4, True), (None, None, 0, False), (None, 50, 4, False),
+    (3.0, None, 0, False), (3.0, 50, 0, False),
+])
+def test_blocked_gradients_at_long_length_equal_autograd_through_the_loop(softcap, window, sink, fused):
     length, n_past = 260, 20
     inputs = random_inputs(length, n_past=n_past, seed=1)
     allowed = padded_window_mask(2, length, n_past + length, pads=[0, 30], window=window, sink=sink)
@@ -53,8 +60,8 @@ def test_blocked_gradients_at_long_length_equal_autograd_through_the_loop(softca
     grads = []
     for run in (
         lambda q, k, v, p: ka_attention_naive(q, k, v, past_outputs=p, allowed=allowed, scale=0.3, softcap=softcap),
-        lambda q, k, v, p: ka_attention(q, k, v, past_outputs=p, allowed=allowed, scale=0.3, softcap=softcap,
-                                        block_size=64, kernel="blocked"),
+        lambda q, k, v, p: ka_attention_blocked(q, k, v, past_outputs=p, allowed=allowed, scale=0.3,
+                                                softcap=softcap, block_size=64, fused=fused),
     ):
         leaves = [t.clone().requires_grad_() for t in inputs]
         (run(*leaves) * upstream).sum().backward()

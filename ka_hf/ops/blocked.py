@@ -35,12 +35,14 @@ def ka_attention_blocked(
     scale: float = 1.0,
     softcap: float | None = None,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Exact KA outputs of n new tokens; same arguments and result as `ka_attention` (variant "ka", no dropout).
 
     query (B, H_q, n, d); key (B, H_kv, p + n, d); value (B, H_kv, n, d_v); past_outputs (B, H_q, p, d_v) or None;
     allowed: boolean, broadcastable to (B, H_q, n, p + n), None = causal. Returns (B, H_q, n, d_v). Gradients
-    flow to query, key, value and past_outputs.
+    flow to query, key, value and past_outputs. fused: the past part through the fused CPU kernel (None: on CPU
+    without softcap) or through explicit (block x T) score tiles (False: what other devices run).
     """
     out_dtype = value.dtype
     dtype = compute_dtype(out_dtype)
@@ -49,15 +51,19 @@ def ka_attention_blocked(
     if past_outputs is None or n_past == 0:
         past_outputs = value.new_zeros(*query.shape[:2], 0, value.shape[-1])
     block = max(n_new, 1) if block_size is None else block_size
+    if fused is None:
+        fused = softcap is None and query.device.type == "cpu"
+    elif fused and (softcap is not None or query.device.type != "cpu"):
+        raise ValueError("the fused past kernel runs on CPU without softcapping only")
     outputs = _BlockedKA.apply(
-        query.to(dtype), key.to(dtype), value.to(dtype), past_outputs.to(dtype), allowed, scale, softcap, block
+        query.to(dtype), key.to(dtype), value.to(dtype), past_outputs.to(dtype), allowed, scale, softcap, block, fused
     )
     return outputs.to(out_dtype)
 
 
 class _BlockedKA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, past_outputs, allowed, scale, softcap, block):
+    def forward(ctx, query, key, value, past_outputs, allowed, scale, softcap, block, fused):
         n_past = past_outputs.shape[-2]
         n_new = query.shape[-2]
         keys = expand_kv_heads(key, query.shape[1])  # (B, H_q, p + n, d): the fused kernel wants per-head keys
@@ -67,7 +73,7 @@ class _BlockedKA(torch.autograd.Function):
         normalizers = query.new_empty(query.shape[:-1])  # L per new row (B, H_q, n)
         for start in range(0, n_new, block):
             stop = min(start + block, n_new)
-            tile = _Tile(query, keys, allowed, scale, softcap, n_past, start, stop)
+            tile = _Tile(query, keys, allowed, scale, softcap, fused, n_past, start, stop)
             past_out, past_lse = tile.past_attention(attended)
             own_weights, lse = tile.own_weights(past_lse)
             # rhs = W_bP A_P + diag(W_bb) V_b; exp(L_P - L) rescales the past part to the full normalizer.
@@ -80,13 +86,13 @@ class _BlockedKA(torch.autograd.Function):
             normalizers[..., start:stop] = lse
         outputs = attended[..., n_past:, :]
         ctx.save_for_backward(query, key, value, past_outputs, outputs, normalizers)
-        ctx.allowed, ctx.scale, ctx.softcap, ctx.block = allowed, scale, softcap, block
+        ctx.allowed, ctx.scale, ctx.softcap, ctx.block, ctx.fused = allowed, scale, softcap, block, fused
         return outputs
 
     @staticmethod
     def backward(ctx, grad_outputs):
         query, key, value, past_outputs, outputs, normalizers = ctx.saved_tensors
-        allowed, scale, softcap, block = ctx.allowed, ctx.scale, ctx.softcap, ctx.block
+        allowed, scale, softcap, block, fused = ctx.allowed, ctx.scale, ctx.softcap, ctx.block, ctx.fused
         n_query_heads, n_new = query.shape[1], query.shape[-2]
         n_past = past_outputs.shape[-2]
         keys = expand_kv_heads(key, n_query_heads)
@@ -102,7 +108,7 @@ class _BlockedKA(torch.autograd.Function):
         for start in range(last_start, -1, -block):
             stop = min(start + block, n_new)
             rows = slice(n_past + start, n_past + stop)
-            tile = _Tile(query, keys, allowed, scale, softcap, n_past, start, stop)
+            tile = _Tile(query, keys, allowed, scale, softcap, fused, n_past, start, stop)
             lse = normalizers[..., start:stop]
             own_scores = tile.own_scores()
             own_weights = tile.own_weights_from(own_scores, lse)
@@ -130,7 +136,7 @@ class _BlockedKA(torch.autograd.Function):
         grad_key = _sum_query_head_groups(grad_keys, key.shape[1])
         grad_value = _sum_query_head_groups(grad_values, value.shape[1])
         grad_past = grad_attended[..., :n_past, :] if ctx.needs_input_grad[3] else None
-        return grad_query, grad_key, grad_value, grad_past, None, None, None, None
+        return grad_query, grad_key, grad_value, grad_past, None, None, None, None, None
 
 
 def _sum_query_head_groups(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -145,10 +151,10 @@ class _Tile:
     """The rows [start, stop) of the new tokens (absolute positions p + start ...): their scores over the past
     keys and over the block's own keys, with the masks that apply to each part."""
 
-    def __init__(self, query, keys, allowed, scale, softcap, n_past, start, stop):
+    def __init__(self, query, keys, allowed, scale, softcap, fused, n_past, start, stop):
         self.queries = query[..., start:stop, :]
         self.keys = keys
-        self.scale, self.softcap = scale, softcap
+        self.scale, self.softcap, self.fused = scale, softcap, fused
         self.past_end = n_past + start
         self.own = slice(n_past + start, n_past + stop)
         n = stop - start
@@ -189,9 +195,6 @@ class _Tile:
         return torch.exp(scores - lse.unsqueeze(-1)), lse
 
     # ----- the past part: attention over earlier outputs
-    def _fused(self):
-        return self.softcap is None and self.queries.device.type == "cpu"
-
     def _past_mask(self):
         """Additive mask for the fused kernel (it takes the query's dtype), None when every past key is visible."""
         if self.past_allowed is None:
@@ -205,7 +208,7 @@ class _Tile:
         if self.past_end == 0:
             return None, None
         past_keys, past_outputs = self.keys[..., : self.past_end, :], attended[..., : self.past_end, :]
-        if self._fused():
+        if self.fused:
             out, lse = _flash_cpu(self.queries, past_keys, past_outputs, attn_mask=self._past_mask(), scale=self.scale)
         else:
             scores = self._past_scores(past_keys)
@@ -226,7 +229,7 @@ class _Tile:
         """Flash attention's backward over the past with dO = lambda, values A_P, out = A_b and the full L:
         returns (dq_b, dK_P, dA_P), dA_P = W_bP^T lambda."""
         past_keys, past_outputs = self.keys[..., : self.past_end, :], attended[..., : self.past_end, :]
-        if self._fused():
+        if self.fused:
             return _flash_cpu_backward(
                 multipliers, self.queries, past_keys, past_outputs, block_outputs, lse, 0.0, False,
                 attn_mask=self._past_mask(), scale=self.scale,
