@@ -15,7 +15,7 @@ import sys
 from ka_hf.errors import KAError
 from ka_hf.study import files
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
-from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
+from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, check_adapter_given, parse_modes, run_ppl_eval
 
 
 def parse_args(argv=None):
@@ -63,9 +63,8 @@ def check_args(args):
         raise KAError("give --dataset or --text-file, not both")
     if args.max_windows is not None and args.max_windows < 1:
         raise KAError("--max-windows must be at least 1")
-    modes = parse_modes(args.modes)  # unknown modes fail now; layer indices are checked once the model is loaded
-    if any(mode.needs_adapter for mode in modes) and args.adapter is None:
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    # unknown modes fail now; layer indices are checked once the model is loaded
+    check_adapter_given(parse_modes(args.modes), args.adapter)
     files.check_out_dir(args.out, args.overwrite)
 
 

@@ -18,7 +18,7 @@ import torch
 from ka_hf.errors import KAError
 from ka_hf.study import files, report
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
-from ka_hf.study.evaluation import parse_modes
+from ka_hf.study.evaluation import check_adapter_given, parse_modes
 from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
                                              reversal_metrics, reversal_table)
 from ka_hf.study.facts import TEMPLATES, make_facts
@@ -45,10 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
-    parse_modes(args.modes)  # unknown modes fail before the model loads
+    check_adapter_given(parse_modes(args.modes), args.adapter)  # unknown modes fail before the model loads
     check_split(args.split)
-    if any(mode.needs_adapter for mode in parse_modes(args.modes)) and args.adapter is None:
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
     files.check_out_dir(args.out, args.overwrite)
     return args
 

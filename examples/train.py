@@ -15,7 +15,8 @@ import argparse
 
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.models import ARCHITECTURES
-from ka_hf.study.training import ATTENTIONS, PRECISIONS, SCHEDULES, VARIANTS, TrainConfig, load_train_config, train
+from ka_hf.config import ATTENTIONS, VARIANTS
+from ka_hf.study.training import PRECISIONS, SCHEDULES, TrainConfig, load_train_config, train
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import num_kv_heads
 from .errors import KAError
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -41,7 +42,7 @@ def attention_shape(config) -> dict:
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return dict(num_layers=config.num_hidden_layers, num_heads=num_heads,
-                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads, head_dim=head_dim)
+                num_kv_heads=num_kv_heads(config), head_dim=head_dim)
 
 
 class ResidualMLP(nn.Module):

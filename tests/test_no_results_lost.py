@@ -191,3 +191,19 @@ def test_check_out_dir(tmp_path):
     with pytest.raises(KAError, match=f"{tmp_path} already holds earlier results: pass --overwrite"):
         files.check_out_dir(tmp_path)
     files.check_out_dir(tmp_path, overwrite=True)
+
+
+def test_only_user_errors_exit_2(capsys):
+    from ka_hf.errors import KAInternalError
+    from ka_hf.study.cli import user_errors_exit_2
+
+    @user_errors_exit_2
+    def main(error):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(KAError("bad input\nsecond line"))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: bad input second line\n"
+    for internal in (KAInternalError("invariant broken"), RuntimeError("bug")):
+        with pytest.raises(type(internal)):  # a traceback, not exit 2
+            main(internal)

@@ -71,6 +71,23 @@ def load_texts(dataset=None, dataset_config=None, split="test", text_file=None, 
     return texts
 
 
+def load_train_val_texts(dataset=None, dataset_config=None, text_file=None, val_text_file=None, split="train",
+                         val_split="validation", text_column="text"):
+    """(training texts, validation texts or None, where they came from): the one loader of a training run's text.
+
+    A text file: its texts, and --val-text-file's (None without one: the caller splits off its own validation
+    part). A Hub dataset or the default corpus: its `split` and `val_split`.
+    """
+    if text_file is not None:
+        train_texts = load_texts(text_file=text_file, text_column=text_column)
+        val_texts = None if val_text_file is None else load_texts(text_file=val_text_file, text_column=text_column)
+        return train_texts, val_texts, str(text_file) + (f" (validation: {val_text_file})" if val_text_file else "")
+    train_texts = load_texts(dataset, dataset_config, split, text_column=text_column)
+    val_texts = load_texts(dataset, dataset_config, val_split, text_column=text_column)
+    name = f"{dataset} ({dataset_config})" if dataset and dataset_config else dataset or "the offline default corpus"
+    return train_texts, val_texts, f"{name} [{split} / {val_split}]"
+
+
 def _load_local_file(path, text_column):
     from datasets import load_dataset  # imported lazily: `datasets` is slow to import
 

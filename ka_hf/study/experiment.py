@@ -38,7 +38,8 @@ from ka_hf.config import PROVENANCE_KEY
 from ka_hf.errors import KAError
 
 from . import files, report
-from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
+from .data import (count_scored_tokens, lm_blocks, load_texts, load_train_val_texts, ppl_windows, tokenize_texts,
+                   train_tokenizer)
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
@@ -127,20 +128,12 @@ def _one_line(text: str) -> str:
 
 def prepare_data(config: ExperimentConfig, out: Path) -> dict:
     """Write DIR/data/train.txt (corpus + facts, shuffled) and validation.txt; return what was written."""
-    if config.text_file:
-        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
-        if config.val_text_file:
-            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
-        else:  # the last tenth of the texts validates
-            cut = max(1, len(train_texts) * 9 // 10)
-            train_texts, val_texts = train_texts[:cut], train_texts[cut:]
-        source = config.text_file
-    elif config.dataset:
-        train_texts = load_texts(config.dataset, config.dataset_config, "train", text_column=config.text_column)
-        val_texts = load_texts(config.dataset, config.dataset_config, "validation", text_column=config.text_column)
-        source = f"{config.dataset} ({config.dataset_config})"
-    else:
-        train_texts, val_texts = default_corpus("train"), default_corpus("validation")
+    train_texts, val_texts, source = load_train_val_texts(
+        config.dataset, config.dataset_config, config.text_file, config.val_text_file, text_column=config.text_column)
+    if val_texts is None:  # a text file without a validation file: the last tenth of the texts validates
+        cut = max(1, len(train_texts) * 9 // 10)
+        train_texts, val_texts = train_texts[:cut], train_texts[cut:]
+    if not config.text_file and not config.dataset:
         source = "ka_hf.study.data.default_corpus (Python standard-library docstrings, offline)"
     if not val_texts:
         raise KAError("no validation text: give --val-text-file or a longer --text-file")

@@ -176,7 +176,7 @@ def gap_recovered(ppl_kv: float, ppl_ka: float, ppl_adapter: float) -> float:
 def compare_ppl(model, adapters: dict, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
     """PPL of `model` on full blocks [n, T] as kv (standard attention), ka (KACache) and ka+adapter for each
     {name: adapter}, on the same blocks in the same run, with the share of the KA-vs-KV gap each recovers."""
-    from .training import perplexity
+    from .evaluation.ppl import perplexity
 
     results = {"kv": perplexity(model, blocks, batch_size, progress=progress),
                "ka": perplexity(model, blocks, batch_size, make_cache=KACache, progress=progress)}

@@ -109,17 +109,7 @@ def check_adapter_dir(adapter_dir, model_config) -> dict:
     return config
 
 
-def _read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise KAError(f"{path} does not exist")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KAError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(record, dict):
-        raise KAError(f"{path} does not hold a JSON object")
-    return record
+_read_json = records.read_json_object
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -184,8 +184,8 @@ def from_dict(values: Any, source: str = "the record", kind: str | None = None) 
     return RECORDS[named].from_dict(values, source)
 
 
-def read(path, kind: str | None = None) -> Record:
-    """The record in the results.json at `path` (of `kind` when given), or KAError saying what is wrong."""
+def read_json_object(path) -> dict:
+    """The JSON object in `path`, or KAError (missing, not JSON, not an object)."""
     path = Path(path)
     if not path.is_file():
         raise KAError(f"{path} does not exist")
@@ -193,4 +193,11 @@ def read(path, kind: str | None = None) -> Record:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise KAError(f"{path} is not valid JSON: {error}") from None
-    return from_dict(values, str(path), kind)
+    if not isinstance(values, dict):
+        raise KAError(f"{path} does not hold a JSON object")
+    return values
+
+
+def read(path, kind: str | None = None) -> Record:
+    """The record in the results.json at `path` (of `kind` when given), or KAError saying what is wrong."""
+    return from_dict(read_json_object(path), str(path), kind)

@@ -32,20 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ka_hf.errors import KAError
-from ka_hf.config import record_provenance
+from ka_hf.config import ATTENTIONS, VARIANTS, record_provenance
 from ka_hf.integration import disable_ka, enable_ka
 
 from . import files, report
-from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
+from .evaluation.ppl import sequence_nll
+from .data import lm_blocks, load_train_val_texts, tokenize_texts, train_tokenizer
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
 from .records import TrainRecord
 
-ATTENTIONS = ("standard", "ka")
-VARIANTS = ("ka", "plan2")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 TRAINER_STATE = "trainer_state.json"
@@ -153,18 +151,12 @@ def check_config(config: TrainConfig) -> None:
 
 def load_data_texts(config: TrainConfig):
     """(train texts, validation texts or None, a description of where they came from)."""
-    if config.text_file is not None:
-        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
-        val_texts = None
-        if config.val_text_file is not None:
-            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
-        source = config.text_file + (f" (validation: {config.val_text_file})" if config.val_text_file else
-                                     f" (validation: its last {config.val_fraction:.0%} of blocks)")
-        return train_texts, val_texts, source
-    train_texts = load_texts(config.dataset, config.dataset_config, config.split, text_column=config.text_column)
-    val_texts = load_texts(config.dataset, config.dataset_config, config.val_split, text_column=config.text_column)
-    name = config.dataset or "the offline default corpus"
-    return train_texts, val_texts, f"{name} [{config.split} / {config.val_split}]"
+    train_texts, val_texts, source = load_train_val_texts(
+        config.dataset, config.dataset_config, config.text_file, config.val_text_file, config.split,
+        config.val_split, config.text_column)
+    if val_texts is None:
+        source += f" (validation: its last {config.val_fraction:.0%} of blocks)"
+    return train_texts, val_texts, source
 
 
 def make_blocks(config: TrainConfig, tokenizer, train_texts, val_texts):
@@ -272,30 +264,7 @@ def set_attention(model, config: TrainConfig, record: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loss and perplexity
-
-
-def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
-    """Summed next-token NLL of each row of full blocks [B, T] (T - 1 scored tokens per row), float32 [B].
-
-    make_cache: None = one plain forward (the model's own attention: standard, or KA for a KA-trained model);
-    otherwise a function returning a fresh cache (e.g. `lambda: KACache(adapter=...)`) passed to the forward.
-    """
-    kwargs = {"use_cache": False} if make_cache is None else {"cache": make_cache()}
-    logits = model(input_ids=input_ids, **kwargs).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).sum(dim=1)
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None, progress: bool = False) -> float:
-    """exp(mean token NLL) over full blocks [n, T] (each scores T - 1 tokens), on the model's device."""
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in tqdm(range(0, len(blocks), batch_size), desc="ppl", disable=not progress, leave=False):
-        total += float(sequence_nll(model, blocks[start:start + batch_size].to(device), make_cache).sum())
-    return math.exp(total / (len(blocks) * (blocks.shape[1] - 1)))
+# Data order
 
 
 class EpochShuffle(torch.utils.data.Sampler):

@@ -124,6 +124,28 @@ def token_nll(logits, labels):
     return nll, targets != -100
 
 
+def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
+    """Summed next-token NLL of each row of full blocks [B, T] (T - 1 scored tokens per row), float32 [B].
+
+    make_cache: None = one plain forward (the model's own attention: standard, or KA for a KA-trained model);
+    otherwise a function returning a fresh cache (e.g. `lambda: KACache(adapter=...)`) passed to the forward.
+    """
+    kwargs = {"use_cache": False} if make_cache is None else {"cache": make_cache()}
+    nll, _ = token_nll(model(input_ids=input_ids, **kwargs).logits, input_ids)
+    return nll.sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None, progress: bool = False) -> float:
+    """exp(mean token NLL) over full blocks [n, T] (each scores T - 1 tokens), on the model's device: what training
+    validates with; windows with context and modes are `score_mode`'s."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="ppl", disable=not progress, leave=False):
+        total += float(sequence_nll(model, blocks[start : start + batch_size].to(device), make_cache).sum())
+    return math.exp(total / (len(blocks) * (blocks.shape[1] - 1)))
+
+
 # -----------------------------------------------------------------------------
 # one mode over all windows
 
