@@ -19,8 +19,15 @@ from ka_hf.errors import KAError
 from ka_hf.study import files, report
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
 from ka_hf.study.evaluation import check_adapter_given, parse_modes
-from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
-                                             reversal_metrics, reversal_table)
+from ka_hf.study.evaluation.reversal import (
+    FACT_SPLITS,
+    SCORING,
+    TRAINED_ON,
+    check_split,
+    recorded_facts,
+    reversal_metrics,
+    reversal_table,
+)
 from ka_hf.study.facts import TEMPLATES, make_facts
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.records import ReversalRecord

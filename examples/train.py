@@ -13,9 +13,9 @@ tokenizer and config.ka recording how it was trained). See docs/training.md.
 
 import argparse
 
+from ka_hf.config import ATTENTIONS, VARIANTS
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.models import ARCHITECTURES
-from ka_hf.config import ATTENTIONS, VARIANTS
 from ka_hf.study.training import PRECISIONS, SCHEDULES, TrainConfig, load_train_config, train
 
 

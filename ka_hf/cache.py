@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from .errors import KAError
-from .ops import DEFAULT_BLOCK_SIZE, VARIANTS, check_kernel, expand_kv_heads
+from .ops import DEFAULT_BLOCK_SIZE, check_kernel, expand_kv_heads
 from .route import check_routed
 
 PREFILL_MODES = ("ka", "standard")

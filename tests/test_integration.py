@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import ka_hf
 import ka_hf.integration
 from ka_hf import KACache, KAError, exact_ka
-from ka_hf.ops import ka_attention_naive
 
 from conftest import REPO_ROOT, VOCAB, tiny_model
 

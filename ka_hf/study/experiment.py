@@ -38,8 +38,15 @@ from ka_hf.config import PROVENANCE_KEY
 from ka_hf.errors import KAError
 
 from . import files, report
-from .data import (count_scored_tokens, lm_blocks, load_texts, load_train_val_texts, ppl_windows, tokenize_texts,
-                   train_tokenizer)
+from .data import (
+    count_scored_tokens,
+    lm_blocks,
+    load_texts,
+    load_train_val_texts,
+    ppl_windows,
+    tokenize_texts,
+    train_tokenizer,
+)
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
@@ -49,6 +56,7 @@ from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recove
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
+
 
 @dataclass
 class ExperimentConfig:

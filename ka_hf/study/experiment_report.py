@@ -9,9 +9,9 @@ the reversal curse. Sentences that interpret numbers are built from the numbers 
 from pathlib import Path
 
 from . import report
-from .evaluation.run import table_rows
 from .evaluation.reversal import TABLE_COLUMNS as REVERSAL_COLUMNS
 from .evaluation.reversal import table_rows as reversal_rows
+from .evaluation.run import table_rows
 from .records import StudyRecord
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
 

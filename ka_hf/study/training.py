@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ka_hf.errors import KAError
 from ka_hf.config import ATTENTIONS, VARIANTS, record_provenance
+from ka_hf.errors import KAError
 from ka_hf.integration import disable_ka, enable_ka
 
 from . import files, report
-from .evaluation.ppl import sequence_nll
 from .data import lm_blocks, load_train_val_texts, tokenize_texts, train_tokenizer
+from .evaluation.ppl import sequence_nll
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
 from .records import TrainRecord
 

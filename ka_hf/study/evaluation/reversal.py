@@ -44,7 +44,7 @@ from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
 from .modes import Mode
-from .ppl import mode_context, batch_logits, collate, make_batches, prompt_length, token_nll
+from .ppl import batch_logits, collate, make_batches, mode_context, prompt_length, token_nll
 
 FACT_SPLITS = ("test", "train")
 DIRECTIONS = ("forward", "backward")

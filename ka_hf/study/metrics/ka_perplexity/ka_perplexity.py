@@ -59,8 +59,8 @@ class KaPerplexity(evaluate.Metric):
                  method="parallel", batch_size=1, adapter=None, device=None):
         import torch
 
-        from ka_hf.study.data import ppl_windows, tokenize_texts
         from ka_hf.errors import KAError
+        from ka_hf.study.data import ppl_windows, tokenize_texts
         from ka_hf.study.evaluation import parse_modes, score_modes
         from ka_hf.study.models import load_model, load_tokenizer
 
