@@ -37,10 +37,19 @@ def parse_args(argv=None):
     windows.add_argument("--max-windows", type=int, help="score only the first N windows (quick runs)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--method", choices=METHODS, default="parallel",
-                     help="parallel: one forward per window; token: token by token through the cache (decode tokens/s)")
-    run.add_argument("--layer-sweep", nargs="?", const="prefix", choices=SWEEPS,
-                     help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone")
+    run.add_argument(
+        "--method",
+        choices=METHODS,
+        default="parallel",
+        help="parallel: one forward per window; token: token by token through the cache (decode tokens/s)",
+    )
+    run.add_argument(
+        "--layer-sweep",
+        nargs="?",
+        const="prefix",
+        choices=SWEEPS,
+        help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone",
+    )
     run.add_argument("--batch-size", type=int, default=1, help="windows per forward (right padding)")
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")

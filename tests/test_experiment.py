@@ -11,9 +11,27 @@ from ka_hf.study.experiment import PRESETS, ExperimentConfig, run_experiment
 
 from conftest import REPO_ROOT
 
-TINY = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=320, seq_len=32, samples=48,
-            val_samples=8, epochs=2, batch_size=8, facts=4, eval_max_length=32, eval_stride=16, eval_max_windows=4,
-            adapter_fit_blocks=4, distill_steps=2, distill_batch=2, reversal_split="test", progress=False)
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    vocab_size=320,
+    seq_len=32,
+    samples=48,
+    val_samples=8,
+    epochs=2,
+    batch_size=8,
+    facts=4,
+    eval_max_length=32,
+    eval_stride=16,
+    eval_max_windows=4,
+    adapter_fit_blocks=4,
+    distill_steps=2,
+    distill_batch=2,
+    reversal_split="test",
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +55,16 @@ def test_every_report_file_is_written(study):
 def test_report_tables_are_filled_from_this_run(study):
     out, record = study
     text = (out / "report.md").read_text()
-    for heading in ("## Configuration", "## Training results (standard attention)",
-                    "## Training results (exact KA attention)", "## Inference evaluation (standard-trained model)",
-                    "### Training vs inference", "### Where does the degradation come from?",
-                    "## Adapter (plan 1)", "## Reversal curse"):
+    for heading in (
+        "## Configuration",
+        "## Training results (standard attention)",
+        "## Training results (exact KA attention)",
+        "## Inference evaluation (standard-trained model)",
+        "### Training vs inference",
+        "### Where does the degradation come from?",
+        "## Adapter (plan 1)",
+        "## Reversal curse",
+    ):
         assert heading in text, heading
     assert "nan" not in text.lower().replace("nancy", "")
     standard = {r["mode"]: r for r in record["inference"]["standard"]}
@@ -66,9 +90,20 @@ def test_presets_and_errors():
 
 
 def test_command_line_reports_a_bad_file_clearly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ka_hf.experiment", "--out", str(tmp_path / "o"),
-                             "--text-file", str(tmp_path / "missing.txt")], capture_output=True, text=True,
-                            cwd=REPO_ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ka_hf.experiment",
+            "--out",
+            str(tmp_path / "o"),
+            "--text-file",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 

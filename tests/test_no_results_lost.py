@@ -15,8 +15,25 @@ from ka_hf.study.models import model_config
 
 from conftest import load_script
 
-TRAIN_FLAGS = ["--samples", "8", "--epochs", "1", "--num-layers", "1", "--hidden-size", "32", "--num-heads", "2",
-               "--intermediate-size", "64", "--vocab-size", "300", "--seq-len", "16", "--no-progress"]
+TRAIN_FLAGS = [
+    "--samples",
+    "8",
+    "--epochs",
+    "1",
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "2",
+    "--intermediate-size",
+    "64",
+    "--vocab-size",
+    "300",
+    "--seq-len",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +49,9 @@ def model_dir(tmp_path_factory, text_file):
     directory = tmp_path_factory.mktemp("tiny_model")
     tokenizer = train_tokenizer(text_file.read_text().splitlines(), vocab_size=300)
     torch.manual_seed(0)
-    config = model_config("gpt2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_heads=2,
-                          max_positions=256)
+    config = model_config(
+        "gpt2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_heads=2, max_positions=256
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.config.ka = {"attention": "standard", "training": {"facts": {"n": 2, "seed": 0, "include": "forward"}}}
     model.save_pretrained(directory)
@@ -51,8 +69,11 @@ def earlier_results(folder):
 
 
 def snapshot(folder) -> dict:
-    return {str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def commands(model_dir, text_file, out):
@@ -60,17 +81,66 @@ def commands(model_dir, text_file, out):
     return {
         "experiment": (experiment.main, ["--out", str(out), "--no-progress"]),
         "train": (load_script("train").main, ["--text-file", str(text_file), "--out", str(out), *TRAIN_FLAGS]),
-        "eval_ppl": (load_script("eval_ppl").main,
-                     ["--model", str(model_dir), "--modes", "kv,ka", "--text-file", str(text_file), "--max-length",
-                      "16", "--stride", "16", "--max-windows", "2", "--out", str(out), "--no-progress"]),
-        "fit_adapter": (load_script("fit_adapter").main,
-                        ["--model", str(model_dir), "--text-file", str(text_file), "--samples", "4", "--val-samples",
-                         "2", "--seq-len", "16", "--batch-size", "2", "--out", str(out)]),
-        "reversal_curse": (load_script("reversal_curse").main,
-                           ["--model", str(model_dir), "--modes", "kv", "--split", "test", "--no-exact-match",
-                            "--device", "cpu", "--out", str(out), "--no-progress"]),
-        "push_to_hub": (load_script("push_to_hub").main,
-                        ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--folder", str(out)]),
+        "eval_ppl": (
+            load_script("eval_ppl").main,
+            [
+                "--model",
+                str(model_dir),
+                "--modes",
+                "kv,ka",
+                "--text-file",
+                str(text_file),
+                "--max-length",
+                "16",
+                "--stride",
+                "16",
+                "--max-windows",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        ),
+        "fit_adapter": (
+            load_script("fit_adapter").main,
+            [
+                "--model",
+                str(model_dir),
+                "--text-file",
+                str(text_file),
+                "--samples",
+                "4",
+                "--val-samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ],
+        ),
+        "reversal_curse": (
+            load_script("reversal_curse").main,
+            [
+                "--model",
+                str(model_dir),
+                "--modes",
+                "kv",
+                "--split",
+                "test",
+                "--no-exact-match",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        ),
+        "push_to_hub": (
+            load_script("push_to_hub").main,
+            ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--folder", str(out)],
+        ),
     }
 
 
