@@ -127,3 +127,30 @@ def test_the_study_writes_the_records_the_scripts_write(study):
         assert isinstance(records.read(out / model / "results.json", "train"), records.TrainRecord)
         assert isinstance(records.read(out / model / "eval" / "results.json", "eval"), records.EvalRecord)
         assert isinstance(records.read(out / model / "reversal" / "results.json", "reversal"), records.ReversalRecord)
+
+
+def test_an_interrupted_study_resumes(study, tmp_path, capsys):
+    """A copy of the finished run, with the KA model's training cut back to "no checkpoint yet" and the report gone
+    (as after a crash): --resume keeps the data, tokenizer and standard model, trains the KA model again and
+    writes the report; the same flags are needed."""
+    import shutil
+
+    from ka_hf.study import experiment
+
+    out, record = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "train-ka" / "last")
+    (copy / "report.md").unlink()
+    tokenizer_before = (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    standard_before = (copy / "train-standard" / "best" / "model.safetensors").read_bytes()
+
+    with pytest.raises(KAError, match="other settings .epochs"):
+        run_experiment(ExperimentConfig.from_preset("quick", str(copy), **(TINY | {"epochs": 3})), resume=True)
+    resumed = run_experiment(ExperimentConfig.from_preset("quick", str(copy), **TINY), resume=True)
+    assert (copy / "report.md").is_file() and (copy / "train-ka" / "last").is_dir()
+    assert (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer_before
+    assert (copy / "train-standard" / "best" / "model.safetensors").read_bytes() == standard_before
+    assert resumed["findings"]["kv_ppl"] == pytest.approx(record["findings"]["kv_ppl"])
+    assert resumed["training"]["ka"]["best_val_ppl"] == pytest.approx(record["training"]["ka"]["best_val_ppl"])
+    assert experiment.STUDY_CONFIG in {path.name for path in copy.iterdir()}

@@ -345,8 +345,10 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
 
 
 def _jsonable_config(config: ExperimentConfig) -> dict:
+    """The settings a resumed run must share with the first one (not where the folder is, nor progress bars)."""
     values = dataclasses.asdict(config)
     values.pop("progress")
+    values.pop("out")
     return json.loads(json.dumps(values))
 
 
