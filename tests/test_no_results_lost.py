@@ -159,8 +159,7 @@ def test_a_folder_with_earlier_results_is_refused_and_left_alone(name, model_dir
     assert exit_info.value.code == 2
     assert error.count("\n") == 1 and error.startswith("error: "), error
     assert str(out) in error and "--overwrite" in error
-    if name == "experiment":  # (train names --resume for a folder with a checkpoint: test_training, test below)
-        assert "--resume" in error
+    # (train names --resume for a folder with a checkpoint: test_training and the failed-run test below)
     assert snapshot(out) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folder left next to it
 
@@ -173,6 +172,19 @@ def test_overwrite_proceeds(name, model_dir, text_file, tmp_path, capsys):
     written = out / ("README.md" if name == "push_to_hub" else "results.json")
     assert written.is_file() and "earlier" not in written.read_text()
     assert not [path for path in tmp_path.rglob("*") if path.name.startswith(files.PARTIAL_PREFIX)]
+
+
+def test_an_interrupted_study_is_refused_naming_resume(tmp_path, capsys):
+    out = earlier_results(tmp_path / "out")
+    experiment.prepare_out_dir(experiment.ExperimentConfig(out=str(tmp_path / "first")))  # a study_config.json
+    (tmp_path / "first" / experiment.STUDY_CONFIG).rename(out / experiment.STUDY_CONFIG)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--out", str(out), "--no-progress"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert f"{out} already holds a study run: continue it with --resume" in error and "--overwrite" in error
+    assert snapshot(out) == before
 
 
 def test_study_overwrite_and_resume_pass_the_check(tmp_path, monkeypatch, capsys):

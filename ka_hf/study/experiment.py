@@ -337,7 +337,12 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
                 "flags, or pass --overwrite to start again"
             )
         return out
-    files.check_out_dir(out, overwrite, flags="--resume (continue it) or --overwrite (start again)")
+    if saved.is_file() and not overwrite:
+        raise KAError(
+            f"{out} already holds a study run: continue it with --resume (same flags), start it again with "
+            "--overwrite, or choose another --out"
+        )
+    files.check_out_dir(out, overwrite)
     for name in ("report.md", "results.json"):  # no report left pointing at models that are being replaced
         (out / name).unlink(missing_ok=True)
     files.write_json(saved, _jsonable_config(config))
