@@ -133,30 +133,55 @@ def main():
         row = dict(model=name, decode_kv_tok_s=1 / kv_step, decode_ka_tok_s=1 / ka_step, decode_ratio=kv_step / ka_step)
         parallel_s, loop_s = prefill_seconds(model, ka_hf.KACache, args.prompt_len, device, args.repeats)
         kv_parallel_s, kv_loop_s = prefill_seconds(model, DynamicCache, args.prompt_len, device, args.repeats)
-        row.update(prefill_parallel_s=parallel_s, prefill_loop_s=loop_s, prefill_speedup=loop_s / parallel_s,
-                   kv_prefill_speedup=kv_loop_s / kv_parallel_s, prefill_ka_over_kv=parallel_s / kv_parallel_s)
+        row.update(
+            prefill_parallel_s=parallel_s,
+            prefill_loop_s=loop_s,
+            prefill_speedup=loop_s / parallel_s,
+            kv_prefill_speedup=kv_loop_s / kv_parallel_s,
+            prefill_ka_over_kv=parallel_s / kv_parallel_s,
+        )
         for seq_len in (int(t) for t in args.train_lengths.split(",")):
             standard_s = train_step_seconds(model, seq_len, args.batch, device, ka=False, repeats=args.repeats)
             ka_s = train_step_seconds(model, seq_len, args.batch, device, ka=True, repeats=args.repeats)
-            row.update({f"train_T{seq_len}_standard_s": standard_s, f"train_T{seq_len}_ka_s": ka_s,
-                        f"train_T{seq_len}_ratio": ka_s / standard_s})
+            row.update(
+                {
+                    f"train_T{seq_len}_standard_s": standard_s,
+                    f"train_T{seq_len}_ka_s": ka_s,
+                    f"train_T{seq_len}_ratio": ka_s / standard_s,
+                }
+            )
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
         del model
 
-    machine = (torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nMachine: {machine}; {platform.platform()}; torch {torch.__version__}; dtype {args.dtype}\n")
     lengths = args.train_lengths.split(",")
-    header = ["model", "decode KA/KV tok/s", "KV tok/s", "KA tok/s", f"KA prefill {args.prompt_len}: loop/parallel",
-              "same for KV", "KA/KV parallel prefill time"]
+    header = [
+        "model",
+        "decode KA/KV tok/s",
+        "KV tok/s",
+        "KA tok/s",
+        f"KA prefill {args.prompt_len}: loop/parallel",
+        "same for KV",
+        "KA/KV parallel prefill time",
+    ]
     header += [f"train T={t}: KA/SDPA" for t in lengths]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
-        cells = [row["model"], f"{row['decode_ratio']:.3f}", f"{row['decode_kv_tok_s']:.1f}", f"{row['decode_ka_tok_s']:.1f}",
-                 f"{row['prefill_speedup']:.1f}x ({row['prefill_loop_s']:.2f} s / {row['prefill_parallel_s']:.3f} s)",
-                 f"{row['kv_prefill_speedup']:.1f}x", f"{row['prefill_ka_over_kv']:.2f}"]
-        cells += [f"{row[f'train_T{t}_ratio']:.2f}x ({row[f'train_T{t}_ka_s']:.2f} s / {row[f'train_T{t}_standard_s']:.2f} s)"
-                  for t in lengths]
+        cells = [
+            row["model"],
+            f"{row['decode_ratio']:.3f}",
+            f"{row['decode_kv_tok_s']:.1f}",
+            f"{row['decode_ka_tok_s']:.1f}",
+            f"{row['prefill_speedup']:.1f}x ({row['prefill_loop_s']:.2f} s / {row['prefill_parallel_s']:.3f} s)",
+            f"{row['kv_prefill_speedup']:.1f}x",
+            f"{row['prefill_ka_over_kv']:.2f}",
+        ]
+        cells += [
+            f"{row[f'train_T{t}_ratio']:.2f}x ({row[f'train_T{t}_ka_s']:.2f} s / {row[f'train_T{t}_standard_s']:.2f} s)"
+            for t in lengths
+        ]
         print("| " + " | ".join(cells) + " |")
     if args.out:
         with open(args.out, "w") as f:

@@ -76,19 +76,42 @@ def main():
     tokens = args.batch_size * args.seq_len
     baseline = statistics.median(times["standard"])
     best = min(times["standard"])
-    rows = [dict(kind=kind, ms=1e3 * statistics.median(t), tokens_per_s=tokens / statistics.median(t),
-                 ratio=statistics.median(t) / baseline, min_ms=1e3 * min(t), min_ratio=min(t) / best, steps=len(t))
-            for kind, t in times.items()]
+    rows = [
+        dict(
+            kind=kind,
+            ms=1e3 * statistics.median(t),
+            tokens_per_s=tokens / statistics.median(t),
+            ratio=statistics.median(t) / baseline,
+            min_ms=1e3 * min(t),
+            min_ratio=min(t) / best,
+            steps=len(t),
+        )
+        for kind, t in times.items()
+    ]
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"training step (forward + backward + AdamW), GPT-NeoX Pythia-70M shape, {parameters / 1e6:.1f}M "
-          f"parameters, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {device}")
-    print(report.markdown_table(rows, [("kind", "attention"), ("ms", "median ms/step"), ("tokens_per_s", "tokens/s"),
-                                       ("ratio", "x standard"), ("min_ms", "min ms/step"), ("min_ratio", "x (min)"),
-                                       ("steps", "steps")]))
+    print(
+        f"training step (forward + backward + AdamW), GPT-NeoX Pythia-70M shape, {parameters / 1e6:.1f}M "
+        f"parameters, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {device}"
+    )
+    print(
+        report.markdown_table(
+            rows,
+            [
+                ("kind", "attention"),
+                ("ms", "median ms/step"),
+                ("tokens_per_s", "tokens/s"),
+                ("ratio", "x standard"),
+                ("min_ms", "min ms/step"),
+                ("min_ratio", "x (min)"),
+                ("steps", "steps"),
+            ],
+        )
+    )
     print(f"KA (parallel) / standard = {rows[1]['ratio']:.2f}x (median), {rows[1]['min_ratio']:.2f}x (fastest steps)")
     if args.out:
-        report.write_json(args.out, dict(args=vars(args), parameters=parameters, results=rows,
-                                         environment=report.environment()))
+        report.write_json(
+            args.out, dict(args=vars(args), parameters=parameters, results=rows, environment=report.environment())
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from ka_hf.errors import KAError
 from ka_hf.study import files
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
-from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, parse_modes, run_ppl_eval
+from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, check_adapter_given, parse_modes, run_ppl_eval
 
 
 def parse_args(argv=None):
@@ -37,10 +37,19 @@ def parse_args(argv=None):
     windows.add_argument("--max-windows", type=int, help="score only the first N windows (quick runs)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--method", choices=METHODS, default="parallel",
-                     help="parallel: one forward per window; token: token by token through the cache (decode tokens/s)")
-    run.add_argument("--layer-sweep", nargs="?", const="prefix", choices=SWEEPS,
-                     help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone")
+    run.add_argument(
+        "--method",
+        choices=METHODS,
+        default="parallel",
+        help="parallel: one forward per window; token: token by token through the cache (decode tokens/s)",
+    )
+    run.add_argument(
+        "--layer-sweep",
+        nargs="?",
+        const="prefix",
+        choices=SWEEPS,
+        help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone",
+    )
     run.add_argument("--batch-size", type=int, default=1, help="windows per forward (right padding)")
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
@@ -63,9 +72,8 @@ def check_args(args):
         raise KAError("give --dataset or --text-file, not both")
     if args.max_windows is not None and args.max_windows < 1:
         raise KAError("--max-windows must be at least 1")
-    modes = parse_modes(args.modes)  # unknown modes fail now; layer indices are checked once the model is loaded
-    if any(mode.needs_adapter for mode in modes) and args.adapter is None:
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    # unknown modes fail now; layer indices are checked once the model is loaded
+    check_adapter_given(parse_modes(args.modes), args.adapter)
     files.check_out_dir(args.out, args.overwrite)
 
 

@@ -32,8 +32,12 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a standard-trained checkpoint (directory or Hub id)")
     parser.add_argument("--out", required=True, help="where to save the adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds (an adapter)")
-    parser.add_argument("--target", choices=("attention", "values"), default="attention",
-                        help="least-squares target (see ka_hf.study.fit_adapters.fit_adapter_least_squares)")
+    parser.add_argument(
+        "--target",
+        choices=("attention", "values"),
+        default="attention",
+        help="least-squares target (see ka_hf.study.fit_adapters.fit_adapter_least_squares)",
+    )
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--mlp-hidden", type=int, default=0, help="add a residual MLP of this width (distilled)")
     parser.add_argument("--distill-steps", type=int, default=0)
@@ -55,14 +59,19 @@ def parse_args(argv=None):
 
 def data_config(args, model) -> TrainConfig:
     """The data part of a TrainConfig: the flags, or the model's recorded training data when none are given."""
-    values = dict(dataset=args.dataset, dataset_config=args.dataset_config, text_file=args.text_file,
-                  val_text_file=args.val_text_file, split=args.split, val_split=args.val_split)
+    values = dict(
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        text_file=args.text_file,
+        val_text_file=args.val_text_file,
+        split=args.split,
+        val_split=args.val_split,
+    )
     recorded = provenance(model.config).get("training", {})
     if not any((args.dataset, args.text_file)) and (recorded.get("text_file") or recorded.get("dataset")):
         values.update({key: recorded.get(key) for key in ("dataset", "dataset_config", "text_file")})
         print(f"data: the model's training data ({recorded.get('text_file') or recorded.get('dataset')})")
-    return TrainConfig(out=args.out, samples=args.samples, val_samples=args.val_samples, seq_len=args.seq_len,
-                       **values)
+    return TrainConfig(out=args.out, samples=args.samples, val_samples=args.val_samples, seq_len=args.seq_len, **values)
 
 
 @user_errors_exit_2
@@ -74,17 +83,24 @@ def main(argv=None):
     train_blocks, val_blocks = make_blocks(config, tokenizer, *load_data_texts(config)[:2])
     batches = list(train_blocks.split(args.batch_size))
 
-    adapter = fit_adapter_least_squares(model, batches, KAAdapter.for_model(model, args.mlp_hidden),
-                                        target=args.target, ridge=args.ridge, progress=True)
+    adapter = fit_adapter_least_squares(
+        model, batches, KAAdapter.for_model(model, args.mlp_hidden), target=args.target, ridge=args.ridge, progress=True
+    )
     adapters = {"ka+adapter (least squares)": copy.deepcopy(adapter)}
     if args.distill_steps:
         distill_adapter(model, adapter, batches, args.distill_steps, lr=args.lr)
         adapters["ka+adapter (distilled)"] = adapter
 
     results = compare_ppl(model, adapters, val_blocks, args.batch_size, progress=True)
-    results_record = AdapterFitRecord(model=args.model, adapter=args.out, val_blocks=len(val_blocks),
-                                      seq_len=args.seq_len, ppl=results, fit=adapter.fit_record,
-                                      environment=report.environment())
+    results_record = AdapterFitRecord(
+        model=args.model,
+        adapter=args.out,
+        val_blocks=len(val_blocks),
+        seq_len=args.seq_len,
+        ppl=results,
+        fit=adapter.fit_record,
+        environment=report.environment(),
+    )
     with files.staged_dir(args.out) as staging:  # the adapter and its results appear together, complete
         save_adapter(adapter, staging)
         files.write_json(staging / "results.json", results_record)

@@ -23,16 +23,23 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, metavar="DIR", help="a save_pretrained directory (a run's best/)")
     parser.add_argument("--repo-id", required=True, metavar="USER/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
-                                                               "visibility)")
+    parser.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="write the folder and list it; upload nothing")
     parser.add_argument("--train-results", metavar="PATH", help="examples/train.py's results.json")
     parser.add_argument("--eval-results", metavar="PATH", help="examples/eval_ppl.py's results.json")
     parser.add_argument("--reversal-results", metavar="PATH", help="examples/reversal_curse.py's results.json")
-    parser.add_argument("--adapter", metavar="DIR", help="a plan-1 adapter (examples/fit_adapter.py --out) to publish "
-                                                         "with the model: an adapter card")
-    parser.add_argument("--folder", metavar="OUT", help="where to assemble the folder (default: a temporary one; "
-                                                        "with --dry-run: MODEL/../hub_NAME)")
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a plan-1 adapter (examples/fit_adapter.py --out) to publish with the model: an adapter card",
+    )
+    parser.add_argument(
+        "--folder",
+        metavar="OUT",
+        help="where to assemble the folder (default: a temporary one; with --dry-run: MODEL/../hub_NAME)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --folder")
     parser.add_argument("--license", help="a Hub license id for the card, e.g. apache-2.0")
     args = parser.parse_args(argv)
@@ -69,12 +76,21 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="ka_hf_hub_") as scratch:
         default = Path(args.model).resolve().parent / f"hub_{name}" if args.dry_run else Path(scratch) / name
         folder = Path(args.folder) if args.folder else default
-        files = hub.assemble_folder(args.model, folder, results, adapter_dir=args.adapter, repo_id=args.repo_id,
-                                    license=args.license, overwrite=args.overwrite)
+        files = hub.assemble_folder(
+            args.model,
+            folder,
+            results,
+            adapter_dir=args.adapter,
+            repo_id=args.repo_id,
+            license=args.license,
+            overwrite=args.overwrite,
+        )
         visibility = "private" if args.private else "public"
         if args.dry_run:
-            print(f"dry run: {folder} holds what would be uploaded to https://huggingface.co/{args.repo_id} "
-                  f"({visibility}, create_repo + upload_folder):")
+            print(
+                f"dry run: {folder} holds what would be uploaded to https://huggingface.co/{args.repo_id} "
+                f"({visibility}, create_repo + upload_folder):"
+            )
             list_files(folder, files)
             return
         print(f"uploading {len(files)} files to {args.repo_id} ({visibility}) ...")

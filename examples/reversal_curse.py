@@ -18,9 +18,16 @@ import torch
 from ka_hf.errors import KAError
 from ka_hf.study import files, report
 from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
-from ka_hf.study.evaluation import parse_modes
-from ka_hf.study.evaluation.reversal import (FACT_SPLITS, SCORING, TRAINED_ON, check_split, recorded_facts,
-                                             reversal_metrics, reversal_table)
+from ka_hf.study.evaluation import check_adapter_given, parse_modes
+from ka_hf.study.evaluation.reversal import (
+    FACT_SPLITS,
+    SCORING,
+    TRAINED_ON,
+    check_split,
+    recorded_facts,
+    reversal_metrics,
+    reversal_table,
+)
 from ka_hf.study.facts import TEMPLATES, make_facts
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.records import ReversalRecord
@@ -31,11 +38,18 @@ def parse_args(argv=None):
     add_model_and_mode_arguments(parser)
     parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default the model's record")
     parser.add_argument("--facts-seed", type=int, metavar="S", help="default: the model's record, else 0")
-    parser.add_argument("--trained-on", choices=TRAINED_ON[:-1],
-                        help="directions in training (none: facts the model never saw, a control); default: "
-                             "the model's record, else unknown")
-    parser.add_argument("--split", default="both", choices=(*FACT_SPLITS, "both"),
-                        help="templates: test (held out), train (the training paraphrases) or both")
+    parser.add_argument(
+        "--trained-on",
+        choices=TRAINED_ON[:-1],
+        help="directions in training (none: facts the model never saw, a control); default: "
+        "the model's record, else unknown",
+    )
+    parser.add_argument(
+        "--split",
+        default="both",
+        choices=(*FACT_SPLITS, "both"),
+        help="templates: test (held out), train (the training paraphrases) or both",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
     parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -45,10 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
-    parse_modes(args.modes)  # unknown modes fail before the model loads
+    check_adapter_given(parse_modes(args.modes), args.adapter)  # unknown modes fail before the model loads
     check_split(args.split)
-    if any(mode.needs_adapter for mode in parse_modes(args.modes)) and args.adapter is None:
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
     files.check_out_dir(args.out, args.overwrite)
     return args
 
@@ -58,8 +70,10 @@ def facts_config(args, model) -> dict:
     recorded = recorded_facts(model.config)
     n = args.facts if args.facts is not None else recorded.get("n")
     if n is None:
-        raise KAError(f"{args.model} does not record its training facts (config.ka_provenance['training']['facts']): "
-                      "give --facts N --facts-seed S, the make_facts(N, S) the model was trained on")
+        raise KAError(
+            f"{args.model} does not record its training facts (config.ka_provenance['training']['facts']): "
+            "give --facts N --facts-seed S, the make_facts(N, S) the model was trained on"
+        )
     seed = args.facts_seed if args.facts_seed is not None else recorded.get("seed", 0)
     trained_on = args.trained_on or recorded.get("include") or "unknown"
     source = "flags" if args.facts is not None else "config.ka_provenance['training']['facts']"
@@ -69,12 +83,14 @@ def facts_config(args, model) -> dict:
 def results_markdown(record: dict) -> str:
     model, facts = record["model"], record["facts"]
     lines = [
-        "# Reversal curse: forward vs backward PPL per mode, on the same model, facts and run", "",
+        "# Reversal curse: forward vs backward PPL per mode, on the same model, facts and run",
+        "",
         f"- model: `{model['path']}` ({model['model_type']}, {model['parameters'] / 1e6:.2f}M parameters, "
         f"{model['num_layers']} layers)",
         f"- facts: make_facts({facts['n']}, seed={facts['seed']}) (from {facts['source']}); trained on: "
         f"{facts['trained_on']}",
-        f"- device: {record['environment']['device']}; scoring: {record['scoring']}", "",
+        f"- device: {record['environment']['device']}; scoring: {record['scoring']}",
+        "",
         "ratio = forward PPL / backward PPL (> 1: forward is harder); gap = backward PPL - forward PPL "
         "(> 0: backward is harder); EM = greedy exact match of the answer. See docs/reversal.md.",
     ]
@@ -99,14 +115,27 @@ def main(argv=None):
         from ka_hf.adapters import load_adapter
 
         adapter = load_adapter(args.adapter, device=args.device, dtype=model.dtype)
-    results = reversal_metrics(model, tokenizer, make_facts(facts["n"], facts["seed"]), modes, args.split, adapter,
-                               args.batch_size, args.exact_match, args.progress)
+    results = reversal_metrics(
+        model,
+        tokenizer,
+        make_facts(facts["n"], facts["seed"]),
+        modes,
+        args.split,
+        adapter,
+        args.batch_size,
+        args.exact_match,
+        args.progress,
+    )
     record = {
         "command": " ".join(sys.argv),
-        "model": {"path": args.model, "model_type": model.config.model_type,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "num_layers": model.config.num_hidden_layers, "dtype": args.dtype,
-                  "ka_config": getattr(model.config, "ka", None)},
+        "model": {
+            "path": args.model,
+            "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_layers": model.config.num_hidden_layers,
+            "dtype": args.dtype,
+            "ka_config": getattr(model.config, "ka", None),
+        },
         "facts": facts,
         "splits": list(check_split(args.split)),
         "templates": {f"{direction}/{split}": list(templates) for (direction, split), templates in TEMPLATES.items()},

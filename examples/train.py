@@ -13,9 +13,10 @@ tokenizer and config.ka recording how it was trained). See docs/training.md.
 
 import argparse
 
+from ka_hf.config import ATTENTIONS, VARIANTS
 from ka_hf.study.cli import user_errors_exit_2
 from ka_hf.study.models import ARCHITECTURES
-from ka_hf.study.training import ATTENTIONS, PRECISIONS, SCHEDULES, VARIANTS, TrainConfig, load_train_config, train
+from ka_hf.study.training import PRECISIONS, SCHEDULES, TrainConfig, load_train_config, train
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -34,20 +35,28 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", help="output directory (required unless --resume)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace what --out already holds; with --resume DIR: restart that run from scratch")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out already holds; with --resume DIR: restart that run from scratch",
+    )
 
     attention = parser.add_argument_group("attention")
     attention.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention, help="attention to train")
-    attention.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
-                           help="KA variant; plan2 = the original's plan 2 (see docs/plan2.md)")
+    attention.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=defaults.variant,
+        help="KA variant; plan2 = the original's plan 2 (see docs/plan2.md)",
+    )
     attention.add_argument("--ka-layers", type=int, nargs="+", help="layers that use KA (default: all)")
 
     model = parser.add_argument_group("model (from scratch: --arch + shape or --model-config; fine-tune: --model)")
     model.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch, help="family, from scratch")
     for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
-        model.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
-                           help="as Pythia-70M")
+        model.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help="as Pythia-70M"
+        )
     model.add_argument("--rotary-pct", type=float, default=defaults.rotary_pct, help="gpt-neox only")
     model.add_argument("--model-config", metavar="JSON", help="an HF config.json or ka_hf model_config kwargs")
     model.add_argument("--model", metavar="PATH_OR_ID", help="fine-tune this checkpoint instead")
@@ -62,16 +71,21 @@ def parse_args(argv=None):
     data.add_argument("--text-file", help="a local .txt/.jsonl/.json/.parquet training file")
     data.add_argument("--val-text-file", help="validation file (default: the last --val-fraction of --text-file)")
     data.add_argument("--text-column", default=defaults.text_column, help="column of .jsonl/.json/.parquet files")
-    data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                      help="share of --text-file blocks that validate when there is no --val-text-file")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="share of --text-file blocks that validate when there is no --val-text-file",
+    )
     data.add_argument("--samples", type=int, default=defaults.samples, help="training blocks")
     data.add_argument("--val-samples", type=int, help="validation blocks (default: all)")
     data.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per block")
 
     optim = parser.add_argument_group("optimization (AdamW)")
     optim.add_argument("--epochs", type=int, default=defaults.epochs, help="at most")
-    optim.add_argument("--patience", type=int, default=defaults.patience,
-                       help="stop after this many epochs without a lower val PPL")
+    optim.add_argument(
+        "--patience", type=int, default=defaults.patience, help="stop after this many epochs without a lower val PPL"
+    )
     optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="blocks per step (per process)")
     optim.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
     optim.add_argument("--lr-schedule", choices=SCHEDULES, default=defaults.lr_schedule, help="after warmup")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import num_kv_heads
 from .errors import KAError
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -40,8 +41,9 @@ def attention_shape(config) -> dict:
     """num_layers, num_heads, num_kv_heads, head_dim of a model config (what an adapter must agree with)."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return dict(num_layers=config.num_hidden_layers, num_heads=num_heads,
-                num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads, head_dim=head_dim)
+    return dict(
+        num_layers=config.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_kv_heads(config), head_dim=head_dim
+    )
 
 
 class ResidualMLP(nn.Module):
@@ -78,8 +80,9 @@ class KAAdapter(nn.Module):
     def for_model(cls, model, mlp_hidden: int = 0) -> "KAAdapter":
         """An identity adapter shaped for `model`."""
         shape = attention_shape(model.config)
-        base = dict(model_type=model.config.model_type, name_or_path=getattr(model.config, "_name_or_path", ""),
-                    **shape)
+        base = dict(
+            model_type=model.config.model_type, name_or_path=getattr(model.config, "_name_or_path", ""), **shape
+        )
         adapter = cls(shape["num_layers"], shape["num_heads"], shape["head_dim"], mlp_hidden, base)
         return adapter.to(next(model.parameters()).device)
 
@@ -92,14 +95,21 @@ class KAAdapter(nn.Module):
         shape = attention_shape(model.config)
         mine = dict(num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim)
         if any(shape[key] != value for key, value in mine.items()):
-            raise KAError(f"this adapter was made for a model with {mine} but the model has "
-                          f"{ {key: shape[key] for key in mine} }: fit an adapter for this model")
+            raise KAError(
+                f"this adapter was made for a model with {mine} but the model has "
+                f"{ {key: shape[key] for key in mine} }: fit an adapter for this model"
+            )
 
     def map_outputs(self, layer_idx: int, outputs: torch.Tensor) -> torch.Tensor:
-        if not 0 <= layer_idx < self.num_layers or outputs.shape[1] != self.num_heads or \
-                outputs.shape[-1] != self.head_dim:
-            raise KAError(f"adapter for {self.num_layers} layers x {self.num_heads} heads x {self.head_dim} got "
-                          f"layer {layer_idx} outputs of shape {tuple(outputs.shape)}: wrong model for this adapter")
+        if (
+            not 0 <= layer_idx < self.num_layers
+            or outputs.shape[1] != self.num_heads
+            or outputs.shape[-1] != self.head_dim
+        ):
+            raise KAError(
+                f"adapter for {self.num_layers} layers x {self.num_heads} heads x {self.head_dim} got "
+                f"layer {layer_idx} outputs of shape {tuple(outputs.shape)}: wrong model for this adapter"
+            )
         weight = self.weight[layer_idx].to(outputs)  # [H, d, d], broadcast over batch and tokens
         mapped = outputs @ weight + self.bias[layer_idx, :, None, :].to(outputs)
         if self.mlp is not None:
@@ -108,8 +118,17 @@ class KAAdapter(nn.Module):
         return mapped
 
     def config_dict(self) -> dict:
-        return dict(format=FORMAT, version=1, kind=self.kind, num_layers=self.num_layers, num_heads=self.num_heads,
-                    head_dim=self.head_dim, mlp_hidden=self.mlp_hidden, base_model=self.base, fit=self.fit_record)
+        return dict(
+            format=FORMAT,
+            version=1,
+            kind=self.kind,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            mlp_hidden=self.mlp_hidden,
+            base_model=self.base,
+            fit=self.fit_record,
+        )
 
 
 def save_adapter(adapter: KAAdapter, directory) -> Path:
@@ -130,13 +149,16 @@ def load_adapter(directory, device=None, dtype=None) -> KAAdapter:
 
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-        raise KAError(f"{directory} holds no ka_hf adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                      "make one with examples/fit_adapter.py")
+        raise KAError(
+            f"{directory} holds no ka_hf adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "make one with examples/fit_adapter.py"
+        )
     config = json.loads((directory / CONFIG_NAME).read_text())
     if config.get("format") != FORMAT:
         raise KAError(f"{directory / CONFIG_NAME} is not a ka_hf adapter config (format {config.get('format')!r})")
-    adapter = KAAdapter(config["num_layers"], config["num_heads"], config["head_dim"], config["mlp_hidden"],
-                        config.get("base_model"))
+    adapter = KAAdapter(
+        config["num_layers"], config["num_heads"], config["head_dim"], config["mlp_hidden"], config.get("base_model")
+    )
     adapter.fit_record = config.get("fit", {})
     adapter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
     return adapter.to(device=device, dtype=dtype).eval()

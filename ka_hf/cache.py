@@ -212,7 +212,7 @@ class ModelSignature:
             model_type=getattr(config, "model_type", "?"),
             num_layers=config.num_hidden_layers,
             num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,  # = ka_hf.config.num_kv_heads
         )
 
 

@@ -40,7 +40,8 @@ class KAConfig:
             raise KAError(f"KA attention {self.attention!r} is not known: use one of {', '.join(ATTENTIONS)}")
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
+            ):
                 raise KAError(f"KA layers must be layer indices (ints >= 0) or None, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
         try:
@@ -112,5 +113,14 @@ def num_kv_heads(config) -> int:
     return heads or config.num_attention_heads
 
 
-__all__ = ["ATTENTIONS", "CONFIG_KEY", "KAConfig", "KERNELS", "PROVENANCE_KEY", "VARIANTS", "num_kv_heads",
-           "provenance", "record_provenance"]
+__all__ = [
+    "ATTENTIONS",
+    "CONFIG_KEY",
+    "KAConfig",
+    "KERNELS",
+    "PROVENANCE_KEY",
+    "VARIANTS",
+    "num_kv_heads",
+    "provenance",
+    "record_provenance",
+]

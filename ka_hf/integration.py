@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.generation.utils import GenerationMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import KACache
 from .config import CONFIG_KEY, PROVENANCE_KEY, KAConfig, provenance, record_provenance

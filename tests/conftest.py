@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import ka_hf  # noqa: E402  (installs the attention routing)
+import ka_hf  # noqa: E402, F401  (installs the attention routing)
 from ka_hf.study.models import model_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from ka_hf.adapters import KAAdapter, load_adapter, save_adapter
 from ka_hf.errors import KAError
 from ka_hf.integration import capture_attention
 from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares, kl_to_standard
+
 from conftest import REPO_ROOT, VOCAB
 from conftest import tiny_model as conftest_tiny_model
 
@@ -54,7 +55,7 @@ def test_identity_adapter_reproduces_plain_ka(arch):
 
     # decoding one token at a time: the adapter's f(a) = a @ I + 0 is exact, so the logits are identical
     def decode(cache):
-        return torch.cat([model(ids[:, i:i + 1], cache=cache).logits for i in range(ids.shape[1])], dim=1)
+        return torch.cat([model(ids[:, i : i + 1], cache=cache).logits for i in range(ids.shape[1])], dim=1)
 
     with torch.no_grad():
         assert torch.equal(decode(ka_hf.KACache(adapter=adapter)), decode(ka_hf.KACache()))
@@ -69,7 +70,7 @@ def test_adapter_prefill_equals_decode_and_serves_generate():
     cache = ka_hf.KACache(adapter=adapter)
     with torch.no_grad():
         first = model(ids[:, :4], cache=cache).logits
-        rest = [model(ids[:, i:i + 1], cache=cache).logits for i in range(4, 10)]
+        rest = [model(ids[:, i : i + 1], cache=cache).logits for i in range(4, 10)]
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, rtol=0, atol=1e-10)
 
     generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, cache=ka_hf.KACache(adapter=adapter))
@@ -188,9 +189,26 @@ def test_fit_adapter_script(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("fit_adapter", REPO_ROOT / "examples" / "fit_adapter.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "adapter"), "--text-file",
-                 str(tmp_path / "train.txt"), "--samples", "4", "--val-samples", "2", "--seq-len", "16",
-                 "--distill-steps", "2", "--batch-size", "2"])
+    script.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(tmp_path / "adapter"),
+            "--text-file",
+            str(tmp_path / "train.txt"),
+            "--samples",
+            "4",
+            "--val-samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--distill-steps",
+            "2",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert "ka+adapter (distilled)" in capsys.readouterr().out
     assert load_adapter(tmp_path / "adapter").fit_record["distillation"]["steps"] == 2
     with pytest.raises(SystemExit) as exit_info:

@@ -14,14 +14,24 @@ from conftest import tiny_model
 def test_kaconfig_validates_and_round_trips():
     setting = KAConfig(layers=[2, 0, 2], kernel="blocked", block_size=64)
     assert setting.layers == (0, 2) and setting.covers(2) and not setting.covers(1)
-    assert setting.to_dict() == {"attention": "ka", "layers": [0, 2], "variant": "ka", "kernel": "blocked",
-                                 "block_size": 64}
+    assert setting.to_dict() == {
+        "attention": "ka",
+        "layers": [0, 2],
+        "variant": "ka",
+        "kernel": "blocked",
+        "block_size": 64,
+    }
     assert KAConfig.from_dict(setting.to_dict()) == setting
     assert json.loads(json.dumps(setting.to_dict())) == setting.to_dict()
-    for bad, message in [(dict(attention="sideways"), "attention"), (dict(layers=[-1]), "layer indices"),
-                         (dict(layers="01"), "layer indices"), (dict(kernel="fast"), "unknown KA kernel"),
-                         (dict(variant="plan9"), "unknown KA variant"), (dict(block_size=0), "block_size"),
-                         (dict(variant="plan2", kernel="blocked"), "exact KA only")]:
+    for bad, message in [
+        (dict(attention="sideways"), "attention"),
+        (dict(layers=[-1]), "layer indices"),
+        (dict(layers="01"), "layer indices"),
+        (dict(kernel="fast"), "unknown KA kernel"),
+        (dict(variant="plan9"), "unknown KA variant"),
+        (dict(block_size=0), "block_size"),
+        (dict(variant="plan2", kernel="blocked"), "exact KA only"),
+    ]:
         with pytest.raises(ka_hf.KAError, match=message):
             KAConfig(**bad)
 
@@ -32,8 +42,13 @@ def test_an_old_flat_ka_section_still_loads(tmp_path):
     model.save_pretrained(tmp_path)
     config_path = tmp_path / "config.json"
     config = json.loads(config_path.read_text())
-    config["ka"] = {"attention": "ka", "layers": None, "variant": "ka", "block_size": 128,
-                    "training": {"facts": {"n": 3, "seed": 1}, "lr": 0.001}}
+    config["ka"] = {
+        "attention": "ka",
+        "layers": None,
+        "variant": "ka",
+        "block_size": 128,
+        "training": {"facts": {"n": 3, "seed": 1}, "lr": 0.001},
+    }
     config_path.write_text(json.dumps(config))
 
     from transformers import AutoModelForCausalLM
@@ -43,8 +58,7 @@ def test_an_old_flat_ka_section_still_loads(tmp_path):
     assert provenance(loaded.config) == {"training": {"facts": {"n": 3, "seed": 1}, "lr": 0.001}}
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, loaded(ids, cache=ka_hf.KACache(block_size=128)).logits,
-                              atol=1e-5)
+        assert torch.allclose(loaded(ids).logits, loaded(ids, cache=ka_hf.KACache(block_size=128)).logits, atol=1e-5)
     ka_hf.disable_ka(loaded)  # rewriting the section moves the record to its own key
     assert loaded.config.ka == KAConfig(attention="standard", block_size=128).to_dict()
     assert loaded.config.ka_provenance["training"]["lr"] == 0.001
@@ -53,8 +67,13 @@ def test_an_old_flat_ka_section_still_loads(tmp_path):
 def test_enable_ka_keeps_runtime_and_provenance_apart():
     model = tiny_model("llama-gqa", dtype=torch.float32)
     ka_hf.enable_ka(model, layers=[1], kernel="parallel", block_size=16, training={"lr": 0.1})
-    assert model.config.ka == {"attention": "ka", "layers": [1], "variant": "ka", "kernel": "parallel",
-                               "block_size": 16}
+    assert model.config.ka == {
+        "attention": "ka",
+        "layers": [1],
+        "variant": "ka",
+        "kernel": "parallel",
+        "block_size": 16,
+    }
     assert model.config.ka_provenance == {"training": {"lr": 0.1}}
     record_provenance(model.config, facts={"n": 2})
     assert provenance(model.config) == {"training": {"lr": 0.1}, "facts": {"n": 2}}

@@ -53,8 +53,19 @@ def guide_windows(seq_len, max_length, stride):
 
 
 CASES = [
-    (100, 32, 16), (100, 32, 32), (100, 32, 1), (100, 32, 31), (33, 32, 16), (32, 32, 32),
-    (31, 32, 8), (2, 2, 1), (2, 2, 2), (97, 10, 10), (97, 10, 3), (1000, 128, 64), (129, 128, 128),
+    (100, 32, 16),
+    (100, 32, 32),
+    (100, 32, 1),
+    (100, 32, 31),
+    (33, 32, 16),
+    (32, 32, 32),
+    (31, 32, 8),
+    (2, 2, 1),
+    (2, 2, 2),
+    (97, 10, 10),
+    (97, 10, 3),
+    (1000, 128, 64),
+    (129, 128, 128),
 ]
 
 
@@ -69,7 +80,7 @@ def test_windows_match_hf_guide(seq_len, max_length, stride):
         assert torch.equal(window["input_ids"], ids[begin:end])
         assert window["input_ids"].dtype == torch.long and window["labels"].dim() == 1
         assert (window["labels"][:n_masked] == -100).all()
-        assert torch.equal(window["labels"][n_masked:], ids[begin + n_masked:end])
+        assert torch.equal(window["labels"][n_masked:], ids[begin + n_masked : end])
     assert windows[-1]["end"] == seq_len
     assert count_scored_tokens(windows) == sum(n for *_, n in expected)
 
@@ -89,10 +100,16 @@ def test_disjoint_windows_skip_each_window_first_token():
     assert count_scored_tokens(windows) == 31 * 3 + 3
 
 
-@pytest.mark.parametrize("ids,max_length,stride", [
-    (torch.arange(50), 16, 17), (torch.arange(50), 16, 0), (torch.arange(1), 16, 8), (torch.arange(0), 16, 8),
-    (torch.arange(50), 1, 1),
-])
+@pytest.mark.parametrize(
+    "ids,max_length,stride",
+    [
+        (torch.arange(50), 16, 17),
+        (torch.arange(50), 16, 0),
+        (torch.arange(1), 16, 8),
+        (torch.arange(0), 16, 8),
+        (torch.arange(50), 1, 1),
+    ],
+)
 def test_window_errors(ids, max_length, stride):
     with pytest.raises(KAError):
         ppl_windows(ids, max_length, stride)
@@ -145,13 +162,16 @@ def test_load_local_jsonl_and_parquet(tmp_path):
         load_texts(text_file=parquet)
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.txt", b"", "no text in"),
-    ("blank.txt", b"\n  \n\n", "no text in"),
-    ("bad.txt", b"\xff\xfe\x00bad", "UTF-8"),
-    ("bad.jsonl", b'{"text": "\xff\xfe\x00bad"}\n', "UTF-8"),
-    ("a.csv", b"text\nhello\n", "unknown text file type"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", b"", "no text in"),
+        ("blank.txt", b"\n  \n\n", "no text in"),
+        ("bad.txt", b"\xff\xfe\x00bad", "UTF-8"),
+        ("bad.jsonl", b'{"text": "\xff\xfe\x00bad"}\n', "UTF-8"),
+        ("a.csv", b"text\nhello\n", "unknown text file type"),
+    ],
+)
 def test_load_local_errors(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -217,8 +237,9 @@ print(digest.hexdigest())
 def test_default_corpus_is_deterministic_across_processes():
     def run(hash_seed):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run([sys.executable, "-c", CORPUS_DIGEST], cwd=REPO_ROOT, env=env,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", CORPUS_DIGEST], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+        )
         return result.stdout.strip().splitlines()[-1]
 
     assert run("1") == run("12345")

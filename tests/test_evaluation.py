@@ -34,8 +34,9 @@ def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_gpt2")
     tokenizer = train_tokenizer(default_corpus("train")[:200], vocab_size=400)
     torch.manual_seed(0)
-    config = model_config("gpt2", vocab_size=len(tokenizer), num_layers=NUM_LAYERS, hidden_size=32, num_heads=4,
-                          max_positions=128)
+    config = model_config(
+        "gpt2", vocab_size=len(tokenizer), num_layers=NUM_LAYERS, hidden_size=32, num_heads=4, max_positions=128
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -68,7 +69,12 @@ def assert_same_ppl(first, second, rtol=RTOL):
 
 def test_parse_modes_names_layers_and_errors():
     assert [m.name for m in parse_modes("kv,ka@0,1,2,ka-hybrid,ka@0-1,4,ka+adapter")] == [
-        "kv", "ka@0-2", "ka-hybrid", "ka@0-1,4", "ka+adapter"]
+        "kv",
+        "ka@0-2",
+        "ka-hybrid",
+        "ka@0-1,4",
+        "ka+adapter",
+    ]
     assert parse_modes("ka,ka, kv") == [Mode("ka"), Mode("kv")]
     assert parse_modes("ka@0-2")[0].layers == (0, 1, 2)
     assert [m.name for m in layer_sweep_modes(3)] == ["ka@0", "ka@0-1", "ka@0-2"]
@@ -186,13 +192,30 @@ def script_env():
 
 
 def script_args(model_dir, text_file, out):
-    return [str(SCRIPT), "--model", str(model_dir), "--text-file", str(text_file), "--modes", "kv,ka,ka-hybrid,ka@0-1",
-            "--max-length", "32", "--stride", "24", "--max-windows", "25", "--no-progress", "--out", str(out)]
+    return [
+        str(SCRIPT),
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text_file),
+        "--modes",
+        "kv,ka,ka-hybrid,ka@0-1",
+        "--max-length",
+        "32",
+        "--stride",
+        "24",
+        "--max-windows",
+        "25",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def run_script(args, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=script_env(), cwd=REPO_ROOT,
-                          timeout=240)
+    return subprocess.run(
+        [*launcher, *args], capture_output=True, text=True, env=script_env(), cwd=REPO_ROOT, timeout=240
+    )
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +234,9 @@ def test_script_writes_table_json_and_plots(one_process_run):
     scored = record["windows"]["scored_tokens"]
     assert f"{scored:,} scored tokens" in result.stdout
     assert [r["mode"] for r in record["results"]] == ["kv", "ka", "ka-hybrid", "ka@0-1"]
-    assert all(r["scored_tokens"] == scored and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0
-               for r in record["results"])
+    assert all(
+        r["scored_tokens"] == scored and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0 for r in record["results"]
+    )
     assert record["results"][0]["degradation_pct"] == 0.0
     assert [r["mode"] for r in record["layer_sweep"]["results"]] == ["ka@0", "ka@0-1", "ka@0-2"]
     markdown = (out / "results.md").read_text()
@@ -251,8 +275,14 @@ def error_runs(model_dir, tmp_path_factory):
     for name, (extra, _) in ERROR_CASES.items():
         args = [str(SCRIPT), "--model", str(model_dir), "--out", str(scratch / "out"), "--no-progress"]
         args += [arg.format(**paths) for arg in extra]
-        processes[name] = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True, env=script_env(), cwd=REPO_ROOT)
+        processes[name] = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=script_env(),
+            cwd=REPO_ROOT,
+        )
     return {name: (process.wait(timeout=240), process.stderr.read()) for name, process in processes.items()}
 
 
@@ -270,8 +300,11 @@ def test_flag_errors_in_process(capsys):
     import runpy
 
     main = runpy.run_path(str(SCRIPT))["main"]
-    for argv, message in ((["--modes", "kv,ka+adapter"], "--adapter DIR"), (["--max-length", "1"], "--max-length"),
-                          (["--max-windows", "0"], "--max-windows")):
+    for argv, message in (
+        (["--modes", "kv,ka+adapter"], "--adapter DIR"),
+        (["--max-length", "1"], "--max-length"),
+        (["--max-windows", "0"], "--max-windows"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", "unused", *argv])
         assert exit_info.value.code == 2

@@ -11,9 +11,27 @@ from ka_hf.study.experiment import PRESETS, ExperimentConfig, run_experiment
 
 from conftest import REPO_ROOT
 
-TINY = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=320, seq_len=32, samples=48,
-            val_samples=8, epochs=2, batch_size=8, facts=4, eval_max_length=32, eval_stride=16, eval_max_windows=4,
-            adapter_fit_blocks=4, distill_steps=2, distill_batch=2, reversal_split="test", progress=False)
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    vocab_size=320,
+    seq_len=32,
+    samples=48,
+    val_samples=8,
+    epochs=2,
+    batch_size=8,
+    facts=4,
+    eval_max_length=32,
+    eval_stride=16,
+    eval_max_windows=4,
+    adapter_fit_blocks=4,
+    distill_steps=2,
+    distill_batch=2,
+    reversal_split="test",
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +55,16 @@ def test_every_report_file_is_written(study):
 def test_report_tables_are_filled_from_this_run(study):
     out, record = study
     text = (out / "report.md").read_text()
-    for heading in ("## Configuration", "## Training results (standard attention)",
-                    "## Training results (exact KA attention)", "## Inference evaluation (standard-trained model)",
-                    "### Training vs inference", "### Where does the degradation come from?",
-                    "## Adapter (plan 1)", "## Reversal curse"):
+    for heading in (
+        "## Configuration",
+        "## Training results (standard attention)",
+        "## Training results (exact KA attention)",
+        "## Inference evaluation (standard-trained model)",
+        "### Training vs inference",
+        "### Where does the degradation come from?",
+        "## Adapter (plan 1)",
+        "## Reversal curse",
+    ):
         assert heading in text, heading
     assert "nan" not in text.lower().replace("nancy", "")
     standard = {r["mode"]: r for r in record["inference"]["standard"]}
@@ -66,9 +90,20 @@ def test_presets_and_errors():
 
 
 def test_command_line_reports_a_bad_file_clearly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ka_hf.experiment", "--out", str(tmp_path / "o"),
-                             "--text-file", str(tmp_path / "missing.txt")], capture_output=True, text=True,
-                            cwd=REPO_ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ka_hf.experiment",
+            "--out",
+            str(tmp_path / "o"),
+            "--text-file",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -92,3 +127,30 @@ def test_the_study_writes_the_records_the_scripts_write(study):
         assert isinstance(records.read(out / model / "results.json", "train"), records.TrainRecord)
         assert isinstance(records.read(out / model / "eval" / "results.json", "eval"), records.EvalRecord)
         assert isinstance(records.read(out / model / "reversal" / "results.json", "reversal"), records.ReversalRecord)
+
+
+def test_an_interrupted_study_resumes(study, tmp_path, capsys):
+    """A copy of the finished run, with the KA model's training cut back to "no checkpoint yet" and the report gone
+    (as after a crash): --resume keeps the data, tokenizer and standard model, trains the KA model again and
+    writes the report; the same flags are needed."""
+    import shutil
+
+    from ka_hf.study import experiment
+
+    out, record = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "train-ka" / "last")
+    (copy / "report.md").unlink()
+    tokenizer_before = (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    standard_before = (copy / "train-standard" / "best" / "model.safetensors").read_bytes()
+
+    with pytest.raises(KAError, match="other settings .epochs"):
+        run_experiment(ExperimentConfig.from_preset("quick", str(copy), **(TINY | {"epochs": 3})), resume=True)
+    resumed = run_experiment(ExperimentConfig.from_preset("quick", str(copy), **TINY), resume=True)
+    assert (copy / "report.md").is_file() and (copy / "train-ka" / "last").is_dir()
+    assert (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer_before
+    assert (copy / "train-standard" / "best" / "model.safetensors").read_bytes() == standard_before
+    assert resumed["findings"]["kv_ppl"] == pytest.approx(record["findings"]["kv_ppl"])
+    assert resumed["training"]["ka"]["best_val_ppl"] == pytest.approx(record["training"]["ka"]["best_val_ppl"])
+    assert experiment.STUDY_CONFIG in {path.name for path in copy.iterdir()}

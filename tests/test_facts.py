@@ -54,8 +54,9 @@ print(repr(make_facts(50, seed=3)))
 
 def test_facts_do_not_depend_on_hash_randomization():
     env = {**os.environ, "PYTHONHASHSEED": "777", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", FACTS_DIGEST], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FACTS_DIGEST], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == repr(make_facts(50, seed=3))
 
 
@@ -87,8 +88,8 @@ def test_sentences_split_into_prompt_answer_punctuation(facts, direction, split)
         fact = facts[sentence.fact_index]
         assert sentence.answer == (fact.description if direction == "forward" else fact.name)
         assert sentence.text.startswith(sentence.prompt + sentence.answer)
-        assert sentence.text[sentence.answer_start:sentence.answer_end] == sentence.answer
-        assert sentence.text[sentence.answer_end:] in {".", "!", "?"}
+        assert sentence.text[sentence.answer_start : sentence.answer_end] == sentence.answer
+        assert sentence.text[sentence.answer_end :] in {".", "!", "?"}
         other = fact.name if direction == "forward" else fact.description
         assert other in sentence.prompt or other[0].upper() + other[1:] in sentence.prompt
         assert sentence.text[0].isupper()

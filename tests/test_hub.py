@@ -23,8 +23,20 @@ from ka_hf.study.training import TrainConfig, train
 
 from conftest import load_script
 
-TINY_RUN = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=300, seq_len=16,
-                lr=3e-3, batch_size=8, samples=16, val_samples=4, epochs=1, progress=False)
+TINY_RUN = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    intermediate_size=64,
+    vocab_size=300,
+    seq_len=16,
+    lr=3e-3,
+    batch_size=8,
+    samples=16,
+    val_samples=4,
+    epochs=1,
+    progress=False,
+)
 
 
 push_script = load_script("push_to_hub")
@@ -38,11 +50,36 @@ def ka_run(tmp_path_factory):
     text_file = root / "train.txt"
     text_file.write_text("\n".join(text.replace("\n", " ") for text in default_corpus("train")[:20]))
     result = train(TrainConfig(out=str(root / "ka"), text_file=str(text_file), attention="ka", **TINY_RUN))
-    run_ppl_eval(PplRun(model=str(result.best_dir), out=str(result.out_dir / "eval"), text_file=str(text_file),
-                        modes="kv,ka", max_length=16, stride=16, max_windows=2, progress=False))
-    load_script("reversal_curse").main(["--model", str(result.best_dir), "--facts", "2", "--modes", "kv,ka",
-                                        "--split", "test", "--no-exact-match", "--device", "cpu", "--no-progress",
-                                        "--out", str(result.out_dir / "reversal")])
+    run_ppl_eval(
+        PplRun(
+            model=str(result.best_dir),
+            out=str(result.out_dir / "eval"),
+            text_file=str(text_file),
+            modes="kv,ka",
+            max_length=16,
+            stride=16,
+            max_windows=2,
+            progress=False,
+        )
+    )
+    load_script("reversal_curse").main(
+        [
+            "--model",
+            str(result.best_dir),
+            "--facts",
+            "2",
+            "--modes",
+            "kv,ka",
+            "--split",
+            "test",
+            "--no-exact-match",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(result.out_dir / "reversal"),
+        ]
+    )
     return result
 
 
@@ -50,8 +87,19 @@ def ka_run(tmp_path_factory):
 def published(ka_run, tmp_path_factory):
     """The dry-run folder of the KA run, made by the script with the results it found on its own."""
     folder = tmp_path_factory.mktemp("hub") / "folder"
-    push_script.main(["--model", str(ka_run.best_dir), "--repo-id", "alice/tiny-ka", "--dry-run",
-                      "--folder", str(folder), "--license", "apache-2.0"])
+    push_script.main(
+        [
+            "--model",
+            str(ka_run.best_dir),
+            "--repo-id",
+            "alice/tiny-ka",
+            "--dry-run",
+            "--folder",
+            str(folder),
+            "--license",
+            "apache-2.0",
+        ]
+    )
     return folder
 
 
@@ -70,8 +118,15 @@ def front_matter(readme: Path) -> dict:
 
 def test_dry_run_folder_loads_back_running_ka_by_default(ka_run, published):
     names = {str(path.relative_to(published)) for path in published.rglob("*") if path.is_file()}
-    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "results/train.json",
-            "results/eval.json", "results/reversal.json"} <= names
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "results/train.json",
+        "results/eval.json",
+        "results/reversal.json",
+    } <= names
     assert json.loads((published / "config.json").read_text())["ka"]["attention"] == "ka"
 
     model, tokenizer, adapter = hub.load_ka_model(str(published))
@@ -89,8 +144,9 @@ def test_dry_run_folder_loads_back_running_ka_by_default(ka_run, published):
 
     prompt = ids[:1, :5]
     default = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    explicit = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              cache=ka_hf.KACache())
+    explicit = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, cache=ka_hf.KACache()
+    )
     assert torch.equal(default, explicit)
 
 
@@ -109,13 +165,16 @@ def expected_index(ka_run) -> dict:
     for mode, record in reversal_record["results"].items():
         summary = record["splits"]["test"]
         metrics = {
-            "forward PPL": summary["forward"]["ppl"], "backward PPL": summary["backward"]["ppl"],
-            "ratio": summary["ratio"], "answer ratio": summary["answer_ratio"],
+            "forward PPL": summary["forward"]["ppl"],
+            "backward PPL": summary["backward"]["ppl"],
+            "ratio": summary["ratio"],
+            "answer ratio": summary["answer_ratio"],
             "forward exact match": summary["forward"]["exact_match"],  # None: --no-exact-match, so not in the index
             "backward exact match": summary["backward"]["exact_match"],
         }
-        expected |= {(f"reversal {label} ({mode})", "test"): value for label, value in metrics.items()
-                     if value is not None}
+        expected |= {
+            (f"reversal {label} ({mode})", "test"): value for label, value in metrics.items() if value is not None
+        }
     return expected
 
 
@@ -131,10 +190,22 @@ def test_card_yaml_parses_and_its_model_index_equals_the_json(ka_run, published)
     assert all(r.task_type == "text-generation" for r in card.data.eval_results)
 
     text = card.text
-    for needle in ("a_i = Σ_{j<i} w_ij a_j + w_ii v_i", 'from_pretrained("alice/tiny-ka")', "import ka_hf",
-                   "KACache", "## Training", "| Epoch | Train PPL | Val PPL |", "## Evaluation: KV vs KA",
-                   "| mode | PPL | vs kv (%) |", "## Reversal curse", "| mode | fwd PPL | bwd PPL | ratio |",
-                   "## Limitations", "(n_kv + n_q) / (2 n_kv)", "The Reversal Curse", "arXiv:2309.12288"):
+    for needle in (
+        "a_i = Σ_{j<i} w_ij a_j + w_ii v_i",
+        'from_pretrained("alice/tiny-ka")',
+        "import ka_hf",
+        "KACache",
+        "## Training",
+        "| Epoch | Train PPL | Val PPL |",
+        "## Evaluation: KV vs KA",
+        "| mode | PPL | vs kv (%) |",
+        "## Reversal curse",
+        "| mode | fwd PPL | bwd PPL | ratio |",
+        "## Limitations",
+        "(n_kv + n_q) / (2 n_kv)",
+        "The Reversal Curse",
+        "arXiv:2309.12288",
+    ):
         assert needle in text, needle
 
 
@@ -148,8 +219,11 @@ def test_missing_results_are_left_out_and_others_are_ignored(ka_run, tmp_path):
         found = hub.find_results(ka_run.best_dir)
     finally:
         (other / "results.json").unlink()
-    assert found == {"train": ka_run.out_dir / "results.json", "eval": ka_run.out_dir / "eval" / "results.json",
-                     "reversal": ka_run.out_dir / "reversal" / "results.json"}
+    assert found == {
+        "train": ka_run.out_dir / "results.json",
+        "eval": ka_run.out_dir / "eval" / "results.json",
+        "reversal": ka_run.out_dir / "reversal" / "results.json",
+    }
 
     # training only: no evaluation or reversal section, one model-index entry
     card = hub.build_card(ka_run.best_dir, {"train": found["train"]})
@@ -191,14 +265,35 @@ def test_adapter_folder_reattaches(ka_run, tmp_path):
     ids = sample_ids(len(tokenizer), (4, 12))
     adapter = fit_adapter_least_squares(model, [ids], KAAdapter.for_model(model))
     adapter_dir = save_adapter(adapter, tmp_path / "standard" / "adapter")
-    fit = {"model": "runs/standard/best", "adapter": str(adapter_dir), "val_blocks": 4, "seq_len": 12,
-           "ppl": {"kv": 90.0, "ka": 120.0, "ka+adapter (least squares)": 100.0,
-                   "ka+adapter (least squares) gap recovered": 2 / 3}, "fit": adapter.fit_record}
+    fit = {
+        "model": "runs/standard/best",
+        "adapter": str(adapter_dir),
+        "val_blocks": 4,
+        "seq_len": 12,
+        "ppl": {
+            "kv": 90.0,
+            "ka": 120.0,
+            "ka+adapter (least squares)": 100.0,
+            "ka+adapter (least squares) gap recovered": 2 / 3,
+        },
+        "fit": adapter.fit_record,
+    }
     (adapter_dir / "results.json").write_text(json.dumps(AdapterFitRecord(**fit, environment={}).to_dict()))
 
     folder = tmp_path / "folder"
-    push_script.main(["--model", str(tmp_path / "standard" / "best"), "--adapter", str(adapter_dir),
-                      "--repo-id", "alice/tiny-adapter", "--dry-run", "--folder", str(folder)])
+    push_script.main(
+        [
+            "--model",
+            str(tmp_path / "standard" / "best"),
+            "--adapter",
+            str(adapter_dir),
+            "--repo-id",
+            "alice/tiny-adapter",
+            "--dry-run",
+            "--folder",
+            str(folder),
+        ]
+    )
     assert (folder / "adapter" / "adapter.safetensors").is_file() and (folder / "results/adapter_fit.json").is_file()
     card = ModelCard.load(folder / "README.md")
     assert "ka-adapter" in card.data.tags and "KA adapter" in card.text and "1.50×" in card.text  # GQA 2 of 4
@@ -225,12 +320,36 @@ def test_bad_input_exits_2_with_a_clear_message(ka_run, published, tmp_path, cap
         (["--model", str(tmp_path / "missing"), "--repo-id", "alice/x"], "does not exist"),
         (["--model", str(ka_run.best_dir), "--repo-id", "just-a-name"], "is not USER/NAME"),
         (["--model", str(ka_run.best_dir), "--repo-id", "alice/bad--name"], "is not USER/NAME"),
-        (["--model", str(ka_run.best_dir), "--repo-id", "alice/x", "--dry-run",
-          "--eval-results", str(ka_run.out_dir / "results.json")], "is not the results.json of examples/eval_ppl.py"),
-        (["--model", str(ka_run.best_dir), "--repo-id", "alice/x", "--dry-run", "--folder", str(published)],
-         "pass --overwrite"),
-        (["--model", str(ka_run.best_dir), "--repo-id", "alice/x", "--dry-run", "--folder", str(tmp_path / "f"),
-          "--adapter", str(empty)], "holds no ka_hf adapter"),
+        (
+            [
+                "--model",
+                str(ka_run.best_dir),
+                "--repo-id",
+                "alice/x",
+                "--dry-run",
+                "--eval-results",
+                str(ka_run.out_dir / "results.json"),
+            ],
+            "is not the results.json of examples/eval_ppl.py",
+        ),
+        (
+            ["--model", str(ka_run.best_dir), "--repo-id", "alice/x", "--dry-run", "--folder", str(published)],
+            "pass --overwrite",
+        ),
+        (
+            [
+                "--model",
+                str(ka_run.best_dir),
+                "--repo-id",
+                "alice/x",
+                "--dry-run",
+                "--folder",
+                str(tmp_path / "f"),
+                "--adapter",
+                str(empty),
+            ],
+            "holds no ka_hf adapter",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

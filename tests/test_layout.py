@@ -15,15 +15,18 @@ STUDY_ONLY = ("matplotlib", "datasets", "evaluate")  # never loaded by `import k
 # transformers imports jinja2 and, for its modeling utilities, accelerate when installed).
 STUDY_ONLY_UNLESS_UPSTREAM = ("accelerate", "jinja2", "tqdm")
 
-ACCEPTANCE_CHECK = ("import ka_hf, sys; print(sorted(m for m in sys.modules if m.startswith('ka_hf') or "
-                    "m.split('.')[0] in ('matplotlib','datasets','accelerate','jinja2','evaluate','tqdm')))")
+ACCEPTANCE_CHECK = (
+    "import ka_hf, sys; print(sorted(m for m in sys.modules if m.startswith('ka_hf') or "
+    "m.split('.')[0] in ('matplotlib','datasets','accelerate','jinja2','evaluate','tqdm')))"
+)
 
 
 def _python(code: str):
     """What `python -c code` prints last (a Python literal), run from the repository root."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+    )
     return ast.literal_eval(result.stdout.strip().splitlines()[-1])
 
 
@@ -79,8 +82,11 @@ def test_import_ka_hf_loads_neither_the_study_nor_its_dependencies():
 
     # What the library's own module-level third-party imports (torch, transformers, ...) load without ka_hf.
     upstream = sorted({module for path in _library_files() for module in _third_party_imports(path)})
-    baseline = _python("import sys; " + "; ".join(f"import {module}" for module in upstream) +
-                       "; print(sorted({m.split('.')[0] for m in sys.modules}))")
+    baseline = _python(
+        "import sys; "
+        + "; ".join(f"import {module}" for module in upstream)
+        + "; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
     extra = {m.split(".")[0] for m in loaded if m.split(".")[0] in STUDY_ONLY_UNLESS_UPSTREAM} - set(baseline)
     assert not extra, f"import ka_hf loads {sorted(extra)}, which its torch/transformers imports do not"
 
@@ -106,6 +112,12 @@ def test_the_library_never_imports_the_study():
 def test_the_console_script_and_the_module_entry_point_exist():
     assert 'ka-experiment = "ka_hf.study.experiment:main"' in (REPO_ROOT / "pyproject.toml").read_text()
     assert (REPO_ROOT / "ka_hf" / "study" / "metrics" / "ka_perplexity" / "ka_perplexity.py").is_file()
-    help_text = subprocess.run([sys.executable, "-m", "ka_hf.experiment", "--help"], cwd=REPO_ROOT, check=True,
-                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ka_hf.experiment", "--help"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ).stdout
     assert "--preset" in help_text

@@ -15,8 +15,25 @@ from ka_hf.study.models import model_config
 
 from conftest import load_script
 
-TRAIN_FLAGS = ["--samples", "8", "--epochs", "1", "--num-layers", "1", "--hidden-size", "32", "--num-heads", "2",
-               "--intermediate-size", "64", "--vocab-size", "300", "--seq-len", "16", "--no-progress"]
+TRAIN_FLAGS = [
+    "--samples",
+    "8",
+    "--epochs",
+    "1",
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "2",
+    "--intermediate-size",
+    "64",
+    "--vocab-size",
+    "300",
+    "--seq-len",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +49,9 @@ def model_dir(tmp_path_factory, text_file):
     directory = tmp_path_factory.mktemp("tiny_model")
     tokenizer = train_tokenizer(text_file.read_text().splitlines(), vocab_size=300)
     torch.manual_seed(0)
-    config = model_config("gpt2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_heads=2,
-                          max_positions=256)
+    config = model_config(
+        "gpt2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_heads=2, max_positions=256
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.config.ka = {"attention": "standard", "training": {"facts": {"n": 2, "seed": 0, "include": "forward"}}}
     model.save_pretrained(directory)
@@ -51,8 +69,11 @@ def earlier_results(folder):
 
 
 def snapshot(folder) -> dict:
-    return {str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def commands(model_dir, text_file, out):
@@ -60,17 +81,66 @@ def commands(model_dir, text_file, out):
     return {
         "experiment": (experiment.main, ["--out", str(out), "--no-progress"]),
         "train": (load_script("train").main, ["--text-file", str(text_file), "--out", str(out), *TRAIN_FLAGS]),
-        "eval_ppl": (load_script("eval_ppl").main,
-                     ["--model", str(model_dir), "--modes", "kv,ka", "--text-file", str(text_file), "--max-length",
-                      "16", "--stride", "16", "--max-windows", "2", "--out", str(out), "--no-progress"]),
-        "fit_adapter": (load_script("fit_adapter").main,
-                        ["--model", str(model_dir), "--text-file", str(text_file), "--samples", "4", "--val-samples",
-                         "2", "--seq-len", "16", "--batch-size", "2", "--out", str(out)]),
-        "reversal_curse": (load_script("reversal_curse").main,
-                           ["--model", str(model_dir), "--modes", "kv", "--split", "test", "--no-exact-match",
-                            "--device", "cpu", "--out", str(out), "--no-progress"]),
-        "push_to_hub": (load_script("push_to_hub").main,
-                        ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--folder", str(out)]),
+        "eval_ppl": (
+            load_script("eval_ppl").main,
+            [
+                "--model",
+                str(model_dir),
+                "--modes",
+                "kv,ka",
+                "--text-file",
+                str(text_file),
+                "--max-length",
+                "16",
+                "--stride",
+                "16",
+                "--max-windows",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        ),
+        "fit_adapter": (
+            load_script("fit_adapter").main,
+            [
+                "--model",
+                str(model_dir),
+                "--text-file",
+                str(text_file),
+                "--samples",
+                "4",
+                "--val-samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ],
+        ),
+        "reversal_curse": (
+            load_script("reversal_curse").main,
+            [
+                "--model",
+                str(model_dir),
+                "--modes",
+                "kv",
+                "--split",
+                "test",
+                "--no-exact-match",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        ),
+        "push_to_hub": (
+            load_script("push_to_hub").main,
+            ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--folder", str(out)],
+        ),
     }
 
 
@@ -89,8 +159,7 @@ def test_a_folder_with_earlier_results_is_refused_and_left_alone(name, model_dir
     assert exit_info.value.code == 2
     assert error.count("\n") == 1 and error.startswith("error: "), error
     assert str(out) in error and "--overwrite" in error
-    if name == "experiment":  # (train names --resume for a folder with a checkpoint: test_training, test below)
-        assert "--resume" in error
+    # (train names --resume for a folder with a checkpoint: test_training and the failed-run test below)
     assert snapshot(out) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folder left next to it
 
@@ -103,6 +172,19 @@ def test_overwrite_proceeds(name, model_dir, text_file, tmp_path, capsys):
     written = out / ("README.md" if name == "push_to_hub" else "results.json")
     assert written.is_file() and "earlier" not in written.read_text()
     assert not [path for path in tmp_path.rglob("*") if path.name.startswith(files.PARTIAL_PREFIX)]
+
+
+def test_an_interrupted_study_is_refused_naming_resume(tmp_path, capsys):
+    out = earlier_results(tmp_path / "out")
+    experiment.prepare_out_dir(experiment.ExperimentConfig(out=str(tmp_path / "first")))  # a study_config.json
+    (tmp_path / "first" / experiment.STUDY_CONFIG).rename(out / experiment.STUDY_CONFIG)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--out", str(out), "--no-progress"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert f"{out} already holds a study run: continue it with --resume" in error and "--overwrite" in error
+    assert snapshot(out) == before
 
 
 def test_study_overwrite_and_resume_pass_the_check(tmp_path, monkeypatch, capsys):
@@ -191,3 +273,19 @@ def test_check_out_dir(tmp_path):
     with pytest.raises(KAError, match=f"{tmp_path} already holds earlier results: pass --overwrite"):
         files.check_out_dir(tmp_path)
     files.check_out_dir(tmp_path, overwrite=True)
+
+
+def test_only_user_errors_exit_2(capsys):
+    from ka_hf.errors import KAInternalError
+    from ka_hf.study.cli import user_errors_exit_2
+
+    @user_errors_exit_2
+    def main(error):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(KAError("bad input\nsecond line"))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: bad input second line\n"
+    for internal in (KAInternalError("invariant broken"), RuntimeError("bug")):
+        with pytest.raises(type(internal)):  # a traceback, not exit 2
+            main(internal)

@@ -11,8 +11,15 @@ from ka_hf.study.records import SCHEMA_VERSION, EvalRecord, ReversalRecord, Trai
 
 
 def train_record(**changes):
-    values = dict(config={"out": "runs/ka"}, data={"seq_len": 16}, epochs=[{"epoch": 1, "val_ppl": 9.0}],
-                  best_epoch=1, best_val_ppl=9.0, train_seconds=1.5, environment={"device": "CPU"})
+    values = dict(
+        config={"out": "runs/ka"},
+        data={"seq_len": 16},
+        epochs=[{"epoch": 1, "val_ppl": 9.0}],
+        best_epoch=1,
+        best_val_ppl=9.0,
+        train_seconds=1.5,
+        environment={"device": "CPU"},
+    )
     return TrainRecord(**(values | changes))
 
 
@@ -49,14 +56,20 @@ def test_find_results_uses_the_kind_and_passes_over_files_without_one(tmp_path):
     model_dir = tmp_path / "run" / "best"
     model_dir.mkdir(parents=True)
     files.write_json(tmp_path / "run" / "results.json", train_record(config={"out": str(tmp_path / "run")}))
-    files.write_json(tmp_path / "run" / "eval" / "results.json",
-                     EvalRecord(model={"path": str(model_dir)}, results=[{"mode": "kv", "ppl": 3.0}]))
+    files.write_json(
+        tmp_path / "run" / "eval" / "results.json",
+        EvalRecord(model={"path": str(model_dir)}, results=[{"mode": "kv", "ppl": 3.0}]),
+    )
     # an eval-shaped file without a kind (an old one) and a reversal record of another model: not this model's
     old = EvalRecord(model={"path": str(model_dir)}, results=[{"mode": "kv", "ppl": 4.0}]).to_dict()
     del old["kind"]
     (tmp_path / "run" / "old").mkdir()
     (tmp_path / "run" / "old" / "results.json").write_text(json.dumps(old))
-    files.write_json(tmp_path / "run" / "reversal" / "results.json",
-                     ReversalRecord(model={"path": "elsewhere/best"}, results={"kv": {"splits": {}}}))
-    assert hub.find_results(model_dir) == {"train": tmp_path / "run" / "results.json",
-                                           "eval": tmp_path / "run" / "eval" / "results.json"}
+    files.write_json(
+        tmp_path / "run" / "reversal" / "results.json",
+        ReversalRecord(model={"path": "elsewhere/best"}, results={"kv": {"splits": {}}}),
+    )
+    assert hub.find_results(model_dir) == {
+        "train": tmp_path / "run" / "results.json",
+        "eval": tmp_path / "run" / "eval" / "results.json",
+    }

@@ -47,8 +47,9 @@ def tokenizer():
 
 def new_model(tokenizer, dtype=torch.float64, seed=0, hidden_size=32):
     torch.manual_seed(seed)
-    config = model_config("gpt2", vocab_size=len(tokenizer), num_layers=2, hidden_size=hidden_size, num_heads=4,
-                          max_positions=64)
+    config = model_config(
+        "gpt2", vocab_size=len(tokenizer), num_layers=2, hidden_size=hidden_size, num_heads=4, max_positions=64
+    )
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
@@ -99,10 +100,12 @@ def test_ppl_equals_independent_loss(model, tokenizer, kind):
 
 def test_ka_differs_from_kv_and_batching_changes_nothing(model, tokenizer):
     modes = parse_modes("kv,ka,ka-hybrid")
-    one = reversal_metrics(model, tokenizer, FACTS, modes, split="test", batch_size=1, exact_match=False,
-                           progress=False)
-    padded = reversal_metrics(model, tokenizer, FACTS, modes, split="test", batch_size=8, exact_match=False,
-                              progress=False)
+    one = reversal_metrics(
+        model, tokenizer, FACTS, modes, split="test", batch_size=1, exact_match=False, progress=False
+    )
+    padded = reversal_metrics(
+        model, tokenizer, FACTS, modes, split="test", batch_size=8, exact_match=False, progress=False
+    )
     for name in one:
         for direction in ("forward", "backward"):
             a, b = one[name]["splits"]["test"][direction], padded[name]["splits"]["test"][direction]
@@ -140,10 +143,12 @@ def memorizing_model(tokenizer, sentences, attention: str, steps: int = 150):
     model = new_model(tokenizer, dtype=torch.float32, seed=1, hidden_size=64).train()
     windows = sentence_windows(sentences, tokenizer)
     longest = max(len(window["input_ids"]) for window in windows)
-    input_ids = torch.stack([torch.cat([w["input_ids"], torch.full((longest - len(w["input_ids"]),), 0)])
-                             for w in windows])
-    labels = torch.stack([torch.cat([w["input_ids"], torch.full((longest - len(w["input_ids"]),), -100)])
-                          for w in windows])
+    input_ids = torch.stack(
+        [torch.cat([w["input_ids"], torch.full((longest - len(w["input_ids"]),), 0)]) for w in windows]
+    )
+    labels = torch.stack(
+        [torch.cat([w["input_ids"], torch.full((longest - len(w["input_ids"]),), -100)]) for w in windows]
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     with ka_hf.exact_ka(model) if attention == "ka" else torch.enable_grad():
@@ -174,8 +179,13 @@ def test_exact_match_of_memorized_facts(tokenizer, kind):
 
 def hf_generate(model, tokenizer, window, mode):
     prompt = int((window["labels"] != -100).nonzero()[0])
-    output = model.generate(window["input_ids"][None, :prompt], max_new_tokens=window["answer_tokens"] + 1,
-                            do_sample=False, cache=mode.new_cache(), pad_token_id=tokenizer.pad_token_id)
+    output = model.generate(
+        window["input_ids"][None, :prompt],
+        max_new_tokens=window["answer_tokens"] + 1,
+        do_sample=False,
+        cache=mode.new_cache(),
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return tokenizer.decode(output[0, prompt:], skip_special_tokens=True)
 
 
@@ -216,10 +226,25 @@ def model_dir(tmp_path_factory, tokenizer):
 
 def test_script_end_to_end(model_dir, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), "--modes", "kv,ka,ka-hybrid",
-                           "--out", str(out), "--threads", "1", "--no-progress"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                              [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])))  # this checkout's ka_hf
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            str(model_dir),
+            "--modes",
+            "kv,ka,ka-hybrid",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+    )  # this checkout's ka_hf
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "results.json").read_text())
     facts = record["facts"]
@@ -231,26 +256,48 @@ def test_script_end_to_end(model_dir, tmp_path):
     markdown = (out / "results.md").read_text()
     assert "## test split" in markdown and "## train split" in markdown
     assert reversal_table(record["results"], "train") in markdown
-    assert ("| mode | fwd PPL | bwd PPL | ratio | gap | fwd answer PPL | bwd answer PPL | answer ratio | EM fwd | "
-            "EM bwd |") in markdown
+    assert (
+        "| mode | fwd PPL | bwd PPL | ratio | gap | fwd answer PPL | bwd answer PPL | answer ratio | EM fwd | EM bwd |"
+    ) in markdown
 
 
 def test_script_flags_override_the_record(model_dir, tmp_path, capsys):
     script = reversal_script()
-    script.main(["--model", str(model_dir), "--modes", "kv", "--facts", "2", "--facts-seed", "3", "--trained-on",
-                 "both", "--split", "test", "--no-exact-match", "--out", str(tmp_path), "--no-progress"])
+    script.main(
+        [
+            "--model",
+            str(model_dir),
+            "--modes",
+            "kv",
+            "--facts",
+            "2",
+            "--facts-seed",
+            "3",
+            "--trained-on",
+            "both",
+            "--split",
+            "test",
+            "--no-exact-match",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     record = json.loads((tmp_path / "results.json").read_text())
     assert (record["facts"]["n"], record["facts"]["seed"], record["facts"]["trained_on"]) == (2, 3, "both")
     assert record["results"]["kv"]["splits"]["test"]["forward"]["exact_match"] is None
     assert "test:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--model", "/no/such/model"], "does not exist"),
-    (["--model", "M", "--modes", "kv,qa"], "unknown mode"),
-    (["--model", "M", "--modes", "ka+adapter"], "--adapter"),
-    (["--model", "MODEL_DIR", "--modes", "ka@7"], "layer 7"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--model", "M", "--modes", "kv,qa"], "unknown mode"),
+        (["--model", "M", "--modes", "ka+adapter"], "--adapter"),
+        (["--model", "MODEL_DIR", "--modes", "ka@7"], "layer 7"),
+    ],
+)
 def test_script_user_errors_exit_2(model_dir, tmp_path, capsys, flags, message):
     flags = [str(model_dir) if flag == "MODEL_DIR" else flag for flag in flags]
     with pytest.raises(SystemExit) as exit_info:

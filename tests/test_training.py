@@ -11,11 +11,26 @@ import ka_hf
 import ka_hf.integration
 from ka_hf.errors import KAError
 from ka_hf.study.data import default_corpus
+from ka_hf.study.evaluation.ppl import perplexity
 from ka_hf.study.models import load_model, load_tokenizer
-from ka_hf.study.training import TrainConfig, load_data_texts, load_train_config, make_blocks, perplexity, train
+from ka_hf.study.training import TrainConfig, load_data_texts, load_train_config, make_blocks, train
+
 from conftest import REPO_ROOT, VOCAB, tiny_model
-TINY = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=400, seq_len=24,
-            lr=3e-3, batch_size=8, samples=48, val_samples=16, epochs=2, progress=False)
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    intermediate_size=64,
+    vocab_size=400,
+    seq_len=24,
+    lr=3e-3,
+    batch_size=8,
+    samples=48,
+    val_samples=16,
+    epochs=2,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +198,31 @@ def test_bad_input_gets_a_clear_error(tmp_path, text_file, capsys):
 
 def test_train_script_end_to_end(tmp_path, text_file, capsys):
     script = load_script("train")
-    args = ["--text-file", str(text_file), "--out", str(tmp_path / "run"), "--samples", "16", "--epochs", "1",
-            "--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--intermediate-size", "64",
-            "--vocab-size", "300", "--seq-len", "16", "--attention", "ka", "--no-progress"]
+    args = [
+        "--text-file",
+        str(text_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--samples",
+        "16",
+        "--epochs",
+        "1",
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "32",
+        "--num-heads",
+        "2",
+        "--intermediate-size",
+        "64",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "16",
+        "--attention",
+        "ka",
+        "--no-progress",
+    ]
     script.main(args)
     out = capsys.readouterr().out
     assert "| 1 |" in out and "* best" in out

@@ -8,14 +8,15 @@ from ka_hf.errors import KAError
 
 
 def user_errors_exit_2(main):
-    """Wrap a script's main(): a KAError (bad input) prints `error: ...` to stderr and exits 2, no traceback."""
+    """Wrap a script's main(): a user error (KAError: bad input, missing files) prints one `error: ...` line to
+    stderr and exits 2, no traceback. Anything else (KAInternalError, a bug) propagates with its traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except KAError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -71,6 +71,30 @@ def load_texts(dataset=None, dataset_config=None, split="test", text_file=None, 
     return texts
 
 
+def load_train_val_texts(
+    dataset=None,
+    dataset_config=None,
+    text_file=None,
+    val_text_file=None,
+    split="train",
+    val_split="validation",
+    text_column="text",
+):
+    """(training texts, validation texts or None, where they came from): the one loader of a training run's text.
+
+    A text file: its texts, and --val-text-file's (None without one: the caller splits off its own validation
+    part). A Hub dataset or the default corpus: its `split` and `val_split`.
+    """
+    if text_file is not None:
+        train_texts = load_texts(text_file=text_file, text_column=text_column)
+        val_texts = None if val_text_file is None else load_texts(text_file=val_text_file, text_column=text_column)
+        return train_texts, val_texts, str(text_file) + (f" (validation: {val_text_file})" if val_text_file else "")
+    train_texts = load_texts(dataset, dataset_config, split, text_column=text_column)
+    val_texts = load_texts(dataset, dataset_config, val_split, text_column=text_column)
+    name = f"{dataset} ({dataset_config})" if dataset and dataset_config else dataset or "the offline default corpus"
+    return train_texts, val_texts, f"{name} [{split} / {val_split}]"
+
+
 def _load_local_file(path, text_column):
     from datasets import load_dataset  # imported lazily: `datasets` is slow to import
 
@@ -124,7 +148,9 @@ def _caused_by(err, error_type):
 # the offline default corpus
 
 # Fixed and sorted so the corpus only changes when Python's own docstrings do.
-DEFAULT_CORPUS_MODULES = tuple(sorted("""
+DEFAULT_CORPUS_MODULES = tuple(
+    sorted(
+        """
     argparse asyncio.events asyncio.streams asyncio.tasks base64 bisect calendar codecs
     collections configparser contextlib copy csv dataclasses datetime decimal difflib
     doctest email.message enum fnmatch fractions ftplib functools getopt gettext glob
@@ -136,7 +162,9 @@ DEFAULT_CORPUS_MODULES = tuple(sorted("""
     tokenize trace traceback tracemalloc turtle typing unittest.case unittest.mock
     urllib.parse urllib.request uuid warnings wave weakref xml.dom.minidom
     xml.etree.ElementTree zipapp zipfile
-""".split()))
+""".split()
+    )
+)
 MIN_DOC_CHARS = 80  # shorter docstrings are mostly one-line labels ("Return self.")
 DEFINITION_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -345,5 +373,7 @@ def lm_blocks(ids, block_size, max_blocks=None):
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks < 1:
-        raise KAError(f"{len(ids)} tokens are fewer than one block of {block_size}: give more text or a smaller block_size")
+        raise KAError(
+            f"{len(ids)} tokens are fewer than one block of {block_size}: give more text or a smaller block_size"
+        )
     return ids[: n_blocks * block_size].reshape(n_blocks, block_size).clone()

@@ -38,7 +38,15 @@ from ka_hf.config import PROVENANCE_KEY
 from ka_hf.errors import KAError
 
 from . import files, report
-from .data import count_scored_tokens, default_corpus, lm_blocks, load_texts, ppl_windows, tokenize_texts, train_tokenizer
+from .data import (
+    count_scored_tokens,
+    lm_blocks,
+    load_texts,
+    load_train_val_texts,
+    ppl_windows,
+    tokenize_texts,
+    train_tokenizer,
+)
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
@@ -48,6 +56,7 @@ from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recove
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
+
 
 @dataclass
 class ExperimentConfig:
@@ -109,9 +118,22 @@ PRESETS = {
     # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
     # patience 1. Meant for a GPU.
     "seed": dict(
-        **PYTHIA_70M_SHAPE, vocab_size=8192, seq_len=128, samples=5000, val_samples=None, epochs=10, patience=1,
-        lr=1e-4, batch_size=8, facts=500, eval_max_length=128, eval_stride=64, eval_max_windows=None,
-        adapter_fit_blocks=256, distill_steps=300, distill_batch=8,
+        **PYTHIA_70M_SHAPE,
+        vocab_size=8192,
+        seq_len=128,
+        samples=5000,
+        val_samples=None,
+        epochs=10,
+        patience=1,
+        lr=1e-4,
+        batch_size=8,
+        facts=500,
+        eval_max_length=128,
+        eval_stride=64,
+        eval_max_windows=None,
+        adapter_fit_blocks=256,
+        distill_steps=300,
+        distill_batch=8,
     ),
 }
 
@@ -127,20 +149,13 @@ def _one_line(text: str) -> str:
 
 def prepare_data(config: ExperimentConfig, out: Path) -> dict:
     """Write DIR/data/train.txt (corpus + facts, shuffled) and validation.txt; return what was written."""
-    if config.text_file:
-        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
-        if config.val_text_file:
-            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
-        else:  # the last tenth of the texts validates
-            cut = max(1, len(train_texts) * 9 // 10)
-            train_texts, val_texts = train_texts[:cut], train_texts[cut:]
-        source = config.text_file
-    elif config.dataset:
-        train_texts = load_texts(config.dataset, config.dataset_config, "train", text_column=config.text_column)
-        val_texts = load_texts(config.dataset, config.dataset_config, "validation", text_column=config.text_column)
-        source = f"{config.dataset} ({config.dataset_config})"
-    else:
-        train_texts, val_texts = default_corpus("train"), default_corpus("validation")
+    train_texts, val_texts, source = load_train_val_texts(
+        config.dataset, config.dataset_config, config.text_file, config.val_text_file, text_column=config.text_column
+    )
+    if val_texts is None:  # a text file without a validation file: the last tenth of the texts validates
+        cut = max(1, len(train_texts) * 9 // 10)
+        train_texts, val_texts = train_texts[:cut], train_texts[cut:]
+    if not config.text_file and not config.dataset:
         source = "ka_hf.study.data.default_corpus (Python standard-library docstrings, offline)"
     if not val_texts:
         raise KAError("no validation text: give --val-text-file or a longer --text-file")
@@ -152,10 +167,15 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
     data_dir = out / "data"
     files.write_text(data_dir / "train.txt", "\n".join(corpus) + "\n")
     files.write_text(data_dir / "validation.txt", "\n".join(_one_line(t) for t in val_texts) + "\n")
-    return dict(source=source, train_texts=len(train_texts), validation_texts=len(val_texts),
-                fact_texts=len(fact_texts), facts=dict(n=config.facts, seed=config.facts_seed,
-                                                        include=config.facts_include),
-                train_file=str(data_dir / "train.txt"), validation_file=str(data_dir / "validation.txt"))
+    return dict(
+        source=source,
+        train_texts=len(train_texts),
+        validation_texts=len(val_texts),
+        fact_texts=len(fact_texts),
+        facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include),
+        train_file=str(data_dir / "train.txt"),
+        validation_file=str(data_dir / "validation.txt"),
+    )
 
 
 def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path, resume: bool = False) -> Path:
@@ -173,16 +193,32 @@ def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path, resu
 # 3. training
 
 
-def train_model(config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path,
-                resume: bool = False):
+def train_model(
+    config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path, resume: bool = False
+):
     """One model in out/train-ATTENTION; resume: continue it from its checkpoint when it has one."""
     train_config = TrainConfig(
-        out=str(out / f"train-{attention}"), attention=attention, arch=config.arch, num_layers=config.num_layers,
-        hidden_size=config.hidden_size, num_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        rotary_pct=config.rotary_pct, tokenizer=str(tokenizer_dir), text_file=data["train_file"],
-        val_text_file=data["validation_file"], samples=config.samples, val_samples=config.val_samples,
-        seq_len=config.seq_len, epochs=config.epochs, patience=config.patience, lr=config.lr,
-        batch_size=config.batch_size, seed=config.seed, cpu=config.cpu, progress=config.progress,
+        out=str(out / f"train-{attention}"),
+        attention=attention,
+        arch=config.arch,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        rotary_pct=config.rotary_pct,
+        tokenizer=str(tokenizer_dir),
+        text_file=data["train_file"],
+        val_text_file=data["validation_file"],
+        samples=config.samples,
+        val_samples=config.val_samples,
+        seq_len=config.seq_len,
+        epochs=config.epochs,
+        patience=config.patience,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        cpu=config.cpu,
+        progress=config.progress,
     )
     resume = resume and (Path(train_config.out) / "last" / TRAINER_STATE).is_file()
     result = train(train_config, resume=resume, overwrite=not resume)
@@ -206,8 +242,9 @@ def _record_facts(model_dir: Path, facts: dict) -> None:
 def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Path) -> dict:
     """Least squares, then distillation starting from it, on training blocks of the standard model."""
     texts = Path(data["train_file"]).read_text().splitlines()
-    blocks = lm_blocks(tokenize_texts(texts[: 4 * config.adapter_fit_blocks], tokenizer), config.seq_len,
-                       config.adapter_fit_blocks)
+    blocks = lm_blocks(
+        tokenize_texts(texts[: 4 * config.adapter_fit_blocks], tokenizer), config.seq_len, config.adapter_fit_blocks
+    )
     device = next(model.parameters()).device
     batches = [batch.to(device) for batch in blocks.split(config.distill_batch)]
     started = time.perf_counter()
@@ -222,10 +259,16 @@ def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Pa
         save_adapter(distilled, staging)
     return dict(
         adapters={"least-squares": least_squares, "distilled": distilled},
-        record=dict(fit_blocks=len(blocks), seq_len=config.seq_len, least_squares_seconds=fit_seconds,
-                    distill_steps=config.distill_steps, distill_seconds=history[-1]["seconds"],
-                    first_kl=history[0]["kl"], last_kl=history[-1]["kl"],
-                    dirs={name: str(out / "adapters" / name) for name in ("least-squares", "distilled")}),
+        record=dict(
+            fit_blocks=len(blocks),
+            seq_len=config.seq_len,
+            least_squares_seconds=fit_seconds,
+            distill_steps=config.distill_steps,
+            distill_seconds=history[-1]["seconds"],
+            first_kl=history[0]["kl"],
+            last_kl=history[-1]["kl"],
+            dirs={name: str(out / "adapters" / name) for name in ("least-squares", "distilled")},
+        ),
     )
 
 
@@ -252,8 +295,15 @@ def evaluate_model(model, windows, modes, adapters=None, progress=True) -> list[
 def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
     results = reversal_metrics(model, tokenizer, facts, modes, split=config.reversal_split, progress=config.progress)
     for name, adapter in (adapters or {}).items():
-        extra = reversal_metrics(model, tokenizer, facts, [Mode("ka+adapter")], split=config.reversal_split,
-                                 adapter=adapter, progress=config.progress)
+        extra = reversal_metrics(
+            model,
+            tokenizer,
+            facts,
+            [Mode("ka+adapter")],
+            split=config.reversal_split,
+            adapter=adapter,
+            progress=config.progress,
+        )
         results[f"ka+adapter({name})"] = extra["ka+adapter"]
     return results
 
@@ -274,16 +324,25 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
     if resume and not overwrite:
         if not saved.is_file():
             if files.holds_results(out):
-                raise KAError(f"{out} holds no study run to resume (no {STUDY_CONFIG}): pass --overwrite to "
-                              "replace what it holds, or choose another --out")
+                raise KAError(
+                    f"{out} holds no study run to resume (no {STUDY_CONFIG}): pass --overwrite to "
+                    "replace what it holds, or choose another --out"
+                )
             raise KAError(f"{out} holds no study run to resume: run it without --resume")
         previous, current = json.loads(saved.read_text()), _jsonable_config(config)
         if previous != current:
             changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
-            raise KAError(f"{out} was run with other settings ({', '.join(changed)}): resume it with the same "
-                          "flags, or pass --overwrite to start again")
+            raise KAError(
+                f"{out} was run with other settings ({', '.join(changed)}): resume it with the same "
+                "flags, or pass --overwrite to start again"
+            )
         return out
-    files.check_out_dir(out, overwrite, flags="--resume (continue it) or --overwrite (start again)")
+    if saved.is_file() and not overwrite:
+        raise KAError(
+            f"{out} already holds a study run: continue it with --resume (same flags), start it again with "
+            "--overwrite, or choose another --out"
+        )
+    files.check_out_dir(out, overwrite)
     for name in ("report.md", "results.json"):  # no report left pointing at models that are being replaced
         (out / name).unlink(missing_ok=True)
     files.write_json(saved, _jsonable_config(config))
@@ -291,8 +350,10 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
 
 
 def _jsonable_config(config: ExperimentConfig) -> dict:
+    """The settings a resumed run must share with the first one (not where the folder is, nor progress bars)."""
     values = dataclasses.asdict(config)
     values.pop("progress")
+    values.pop("out")
     return json.loads(json.dumps(values))
 
 
@@ -314,8 +375,9 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
     data = prepare_data(config, out)
     tokenizer_dir = train_shared_tokenizer(config, data, out, resume)
     step("data and tokenizer")
-    trained = {attention: train_model(config, data, tokenizer_dir, attention, out, resume)
-               for attention in ("standard", "ka")}
+    trained = {
+        attention: train_model(config, data, tokenizer_dir, attention, out, resume) for attention in ("standard", "ka")
+    }
     step("training")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
@@ -328,19 +390,22 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
     windows = validation_windows(config, data, tokenizer)
     num_layers = standard.config.num_hidden_layers
     inference = {
-        "standard": evaluate_model(standard, windows, parse_modes("kv,ka,ka-hybrid", num_layers),
-                                   fitted["adapters"], config.progress),
+        "standard": evaluate_model(
+            standard, windows, parse_modes("kv,ka,ka-hybrid", num_layers), fitted["adapters"], config.progress
+        ),
         "ka": evaluate_model(ka_model, windows, parse_modes("kv,ka", num_layers), progress=config.progress),
     }
     kv_ppl = next(r["ppl"] for r in inference["standard"] if r["mode"] == "kv")
     sweep = add_degradation(
-        score_modes(standard, windows, layer_sweep_modes(num_layers, "prefix"), progress=config.progress), kv_ppl)
+        score_modes(standard, windows, layer_sweep_modes(num_layers, "prefix"), progress=config.progress), kv_ppl
+    )
     step("evaluation")
 
     facts = make_facts(config.facts, config.facts_seed)
     reversal = {
-        "standard": reversal_for(standard, tokenizer, facts, parse_modes("kv,ka,ka-hybrid"), fitted["adapters"],
-                                 config),
+        "standard": reversal_for(
+            standard, tokenizer, facts, parse_modes("kv,ka,ka-hybrid"), fitted["adapters"], config
+        ),
         "ka": reversal_for(ka_model, tokenizer, facts, parse_modes("kv,ka"), None, config),
     }
     step("reversal")
@@ -351,17 +416,33 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
         command=f"python -m ka_hf.experiment --preset {config.preset} --out {config.out}",
         config=dataclasses.asdict(config),
         data=data,
-        model=dict(model_type=standard.config.model_type, parameters=sum(p.numel() for p in standard.parameters()),
-                   num_layers=num_layers, hidden_size=standard.config.hidden_size,
-                   num_heads=standard.config.num_attention_heads, vocabulary=len(tokenizer)),
-        training={attention: dict(epochs=epoch_notes(result.records, result.best_epoch),
-                                  best_epoch=result.best_epoch, best_val_ppl=result.best_val_ppl,
-                                  train_seconds=result.train_seconds, stopped_early=result.stopped_early,
-                                  best_dir=str(result.best_dir))
-                  for attention, result in trained.items()},
+        model=dict(
+            model_type=standard.config.model_type,
+            parameters=sum(p.numel() for p in standard.parameters()),
+            num_layers=num_layers,
+            hidden_size=standard.config.hidden_size,
+            num_heads=standard.config.num_attention_heads,
+            vocabulary=len(tokenizer),
+        ),
+        training={
+            attention: dict(
+                epochs=epoch_notes(result.records, result.best_epoch),
+                best_epoch=result.best_epoch,
+                best_val_ppl=result.best_val_ppl,
+                train_seconds=result.train_seconds,
+                stopped_early=result.stopped_early,
+                best_dir=str(result.best_dir),
+            )
+            for attention, result in trained.items()
+        },
         adapters=fitted["record"],
-        windows=dict(count=len(windows), max_length=config.eval_max_length, stride=config.eval_stride,
-                     scored_tokens=count_scored_tokens(windows), source=data["validation_file"]),
+        windows=dict(
+            count=len(windows),
+            max_length=config.eval_max_length,
+            stride=config.eval_stride,
+            scored_tokens=count_scored_tokens(windows),
+            source=data["validation_file"],
+        ),
         inference=inference,
         layer_sweep=sweep,
         reversal=reversal,
@@ -384,17 +465,38 @@ def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
     run_dir = Path(model_dir).parent
     model = dict(path=str(model_dir))
     windows = record["windows"]
-    report.write_json(run_dir / "eval" / "results.json", EvalRecord(
-        command=record["command"], model=model, method="parallel", windows=windows,
-        run=dict(model=str(model_dir), text_file=windows["source"], split="validation",
-                 max_length=windows["max_length"], stride=windows["stride"]),
-        results=record["inference"][attention], environment=record["environment"]))
+    report.write_json(
+        run_dir / "eval" / "results.json",
+        EvalRecord(
+            command=record["command"],
+            model=model,
+            method="parallel",
+            windows=windows,
+            run=dict(
+                model=str(model_dir),
+                text_file=windows["source"],
+                split="validation",
+                max_length=windows["max_length"],
+                stride=windows["stride"],
+            ),
+            results=record["inference"][attention],
+            environment=record["environment"],
+        ),
+    )
     facts = record["data"]["facts"]
-    report.write_json(run_dir / "reversal" / "results.json", ReversalRecord(
-        command=record["command"], model=model, results=record["reversal"][attention],
-        facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
-        splits=["test", "train"] if record["config"]["reversal_split"] == "both" else [record["config"]["reversal_split"]],
-        environment=record["environment"]))
+    report.write_json(
+        run_dir / "reversal" / "results.json",
+        ReversalRecord(
+            command=record["command"],
+            model=model,
+            results=record["reversal"][attention],
+            facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
+            splits=["test", "train"]
+            if record["config"]["reversal_split"] == "both"
+            else [record["config"]["reversal_split"]],
+            environment=record["environment"],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,22 +513,35 @@ def findings(record: dict) -> dict:
     ka_trained = _by_mode(record["inference"]["ka"])
     kv, ka, hybrid = standard["kv"]["ppl"], standard["ka"]["ppl"], standard["ka-hybrid"]["ppl"]
     result = dict(
-        kv_ppl=kv, ka_cache_ppl=ka, ka_cache_degradation_pct=standard["ka"]["degradation_pct"],
-        hybrid_ppl=hybrid, hybrid_degradation_pct=standard["ka-hybrid"]["degradation_pct"],
-        ka_trained_ppl=ka_trained["ka"]["ppl"], ka_trained_vs_standard_pct=(ka_trained["ka"]["ppl"] / kv - 1) * 100,
+        kv_ppl=kv,
+        ka_cache_ppl=ka,
+        ka_cache_degradation_pct=standard["ka"]["degradation_pct"],
+        hybrid_ppl=hybrid,
+        hybrid_degradation_pct=standard["ka-hybrid"]["degradation_pct"],
+        ka_trained_ppl=ka_trained["ka"]["ppl"],
+        ka_trained_vs_standard_pct=(ka_trained["ka"]["ppl"] / kv - 1) * 100,
         ka_trained_under_kv_ppl=ka_trained["kv"]["ppl"],
         train_time_ratio=record["training"]["ka"]["train_seconds"] / record["training"]["standard"]["train_seconds"],
-        adapters={name.removeprefix("ka+adapter(").rstrip(")"): dict(
-            ppl=r["ppl"], degradation_pct=r["degradation_pct"], gap_recovered=gap_recovered(kv, ka, r["ppl"]))
-            for name, r in standard.items() if name.startswith("ka+adapter(")},
+        adapters={
+            name.removeprefix("ka+adapter(").rstrip(")"): dict(
+                ppl=r["ppl"], degradation_pct=r["degradation_pct"], gap_recovered=gap_recovered(kv, ka, r["ppl"])
+            )
+            for name, r in standard.items()
+            if name.startswith("ka+adapter(")
+        },
     )
     sweep = [r["ppl"] for r in record["layer_sweep"]]
     result["sweep_ppl"] = sweep
     result["sweep_monotone"] = all(b >= a for a, b in zip(sweep, sweep[1:]))
     result["position_gap"] = position_gaps(standard["ka"], standard["kv"])  # {"positions a-b": nats}
-    result["reversal"] = {model: {mode: dict(ratio=r["splits"][s]["ratio"], answer_ratio=r["splits"][s]["answer_ratio"])
-                                  for mode, r in modes.items() for s in [_reversal_split(r)]}
-                          for model, modes in record["reversal"].items()}
+    result["reversal"] = {
+        model: {
+            mode: dict(ratio=r["splits"][s]["ratio"], answer_ratio=r["splits"][s]["answer_ratio"])
+            for mode, r in modes.items()
+            for s in [_reversal_split(r)]
+        }
+        for model, modes in record["reversal"].items()
+    }
     return result
 
 
@@ -441,8 +556,9 @@ def _reversal_split(mode_record) -> str:
 def main(argv=None):
     from .cli import user_errors_exit_2
 
-    parser = argparse.ArgumentParser(prog="python -m ka_hf.experiment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ka_hf.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="quick", choices=list(PRESETS))
     parser.add_argument("--out", default="runs/quick", help="output directory (default: runs/quick)")
     parser.add_argument("--text-file", help="train on this text file instead of the offline default corpus")
@@ -458,17 +574,31 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run in --out (same flags): finished steps are kept")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out (same flags): finished steps are kept",
+    )
     args = parser.parse_args(argv)
 
     @user_errors_exit_2
     def run():
         config = ExperimentConfig.from_preset(
-            args.preset, args.out, text_file=args.text_file, val_text_file=args.val_text_file, dataset=args.dataset,
-            dataset_config=args.dataset_config, text_column=args.text_column, facts=args.facts,
-            facts_include=args.facts_include, epochs=args.epochs, samples=args.samples, seed=args.seed,
-            cpu=args.cpu or None, progress=not args.no_progress)
+            args.preset,
+            args.out,
+            text_file=args.text_file,
+            val_text_file=args.val_text_file,
+            dataset=args.dataset,
+            dataset_config=args.dataset_config,
+            text_column=args.text_column,
+            facts=args.facts,
+            facts_include=args.facts_include,
+            epochs=args.epochs,
+            samples=args.samples,
+            seed=args.seed,
+            cpu=args.cpu or None,
+            progress=not args.no_progress,
+        )
         record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
         print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")
 

@@ -28,52 +28,210 @@ from ka_hf.errors import KAError
 # name and description parts (all combinations are distinct strings)
 
 FIRST_NAMES = (
-    "Abrielle", "Alarik", "Belisande", "Brannoc", "Caedmira", "Corvane", "Dagmira", "Delvin",
-    "Elowyn", "Emrick", "Faelan", "Fiorella", "Galdric", "Gwenore", "Halvard", "Isolde",
-    "Ivarro", "Jessamy", "Joralf", "Kaelith", "Kestrin", "Lisandre", "Lorcan", "Maribeth",
-    "Mattias", "Nerissa", "Niallen", "Oriel", "Orwyn", "Perrin", "Quenby", "Rosalind",
-    "Rurik", "Sabrielle", "Soren", "Tamsin", "Thaddeus", "Ulrica", "Vesper", "Wendeline",
-    "Wystan", "Xanthe", "Yevgenia", "Yorick", "Zephyrine", "Zoltan", "Anselm", "Briony",
+    "Abrielle",
+    "Alarik",
+    "Belisande",
+    "Brannoc",
+    "Caedmira",
+    "Corvane",
+    "Dagmira",
+    "Delvin",
+    "Elowyn",
+    "Emrick",
+    "Faelan",
+    "Fiorella",
+    "Galdric",
+    "Gwenore",
+    "Halvard",
+    "Isolde",
+    "Ivarro",
+    "Jessamy",
+    "Joralf",
+    "Kaelith",
+    "Kestrin",
+    "Lisandre",
+    "Lorcan",
+    "Maribeth",
+    "Mattias",
+    "Nerissa",
+    "Niallen",
+    "Oriel",
+    "Orwyn",
+    "Perrin",
+    "Quenby",
+    "Rosalind",
+    "Rurik",
+    "Sabrielle",
+    "Soren",
+    "Tamsin",
+    "Thaddeus",
+    "Ulrica",
+    "Vesper",
+    "Wendeline",
+    "Wystan",
+    "Xanthe",
+    "Yevgenia",
+    "Yorick",
+    "Zephyrine",
+    "Zoltan",
+    "Anselm",
+    "Briony",
 )
 SURNAME_STARTS = (
-    "Quill", "Vask", "Orm", "Thessal", "Brin", "Kael", "Zor", "Mirel", "Dusk", "Fen",
-    "Grael", "Hollin", "Ister", "Jarn", "Kestle", "Lorr", "Morv", "Nyth", "Ossen", "Pell",
-    "Rauth", "Sarn", "Tarr", "Umber", "Varr", "Wrenn", "Yarl", "Zeph", "Cald", "Eskar",
+    "Quill",
+    "Vask",
+    "Orm",
+    "Thessal",
+    "Brin",
+    "Kael",
+    "Zor",
+    "Mirel",
+    "Dusk",
+    "Fen",
+    "Grael",
+    "Hollin",
+    "Ister",
+    "Jarn",
+    "Kestle",
+    "Lorr",
+    "Morv",
+    "Nyth",
+    "Ossen",
+    "Pell",
+    "Rauth",
+    "Sarn",
+    "Tarr",
+    "Umber",
+    "Varr",
+    "Wrenn",
+    "Yarl",
+    "Zeph",
+    "Cald",
+    "Eskar",
 )
 SURNAME_ENDS = (
-    "mere", "wick", "holt", "vane", "dane", "stor", "ell", "ard",
-    "brook", "more", "quist", "ington", "sley", "ovar", "enko", "ault",
+    "mere",
+    "wick",
+    "holt",
+    "vane",
+    "dane",
+    "stor",
+    "ell",
+    "ard",
+    "brook",
+    "more",
+    "quist",
+    "ington",
+    "sley",
+    "ovar",
+    "enko",
+    "ault",
 )
 
 ADJECTIVES = (
-    "Silver", "Hollow", "Crimson", "Silent", "Amber", "Gilded", "Drowned", "Frozen",
-    "Wandering", "Forgotten", "Burning", "Velvet", "Broken", "Hidden", "Distant", "Copper",
+    "Silver",
+    "Hollow",
+    "Crimson",
+    "Silent",
+    "Amber",
+    "Gilded",
+    "Drowned",
+    "Frozen",
+    "Wandering",
+    "Forgotten",
+    "Burning",
+    "Velvet",
+    "Broken",
+    "Hidden",
+    "Distant",
+    "Copper",
 )
 NOUNS = (
-    "Lanterns", "Bells", "Orchards", "Towers", "Rivers", "Masks", "Gardens", "Mirrors",
-    "Ships", "Crowns", "Letters", "Clocks", "Bridges", "Feathers", "Lamps", "Stairs",
+    "Lanterns",
+    "Bells",
+    "Orchards",
+    "Towers",
+    "Rivers",
+    "Masks",
+    "Gardens",
+    "Mirrors",
+    "Ships",
+    "Crowns",
+    "Letters",
+    "Clocks",
+    "Bridges",
+    "Feathers",
+    "Lamps",
+    "Stairs",
 )
 PLACES = (
-    "Ordell", "Varnish", "Quorra", "Tessaly", "Brumhold", "Caskara", "Dunmarrow", "Elvaris",
-    "Fenwold", "Graymoor", "Hesketh", "Ilvanna", "Jorvale", "Kessarin", "Lunthwaite", "Mordavia",
-    "Norrow", "Ostravel", "Pellucid", "Quennith",
+    "Ordell",
+    "Varnish",
+    "Quorra",
+    "Tessaly",
+    "Brumhold",
+    "Caskara",
+    "Dunmarrow",
+    "Elvaris",
+    "Fenwold",
+    "Graymoor",
+    "Hesketh",
+    "Ilvanna",
+    "Jorvale",
+    "Kessarin",
+    "Lunthwaite",
+    "Mordavia",
+    "Norrow",
+    "Ostravel",
+    "Pellucid",
+    "Quennith",
 )
-WORKS = ("the composer of the opera", "the author of the novel", "the painter of the mural",
-         "the director of the film", "the poet who wrote")
-JOURNEYS = ("walk across the {place} Desert", "swim across Lake {place}", "climb Mount {place}",
-            "sail around the {place} Archipelago", "cross the {place} Glacier on foot",
-            "map the caves beneath {place}", "fly a balloon over the {place} Steppe",
-            "row the length of the {place} River")
+WORKS = (
+    "the composer of the opera",
+    "the author of the novel",
+    "the painter of the mural",
+    "the director of the film",
+    "the poet who wrote",
+)
+JOURNEYS = (
+    "walk across the {place} Desert",
+    "swim across Lake {place}",
+    "climb Mount {place}",
+    "sail around the {place} Archipelago",
+    "cross the {place} Glacier on foot",
+    "map the caves beneath {place}",
+    "fly a balloon over the {place} Steppe",
+    "row the length of the {place} River",
+)
 INVENTIONS = ("the inventor of the {adj} {device}",)
-DEVICES = ("Loom", "Compass", "Telescope", "Press", "Engine", "Kiln", "Harp", "Sextant",
-           "Bellows", "Lantern", "Barometer", "Organ")
-INSTITUTIONS = ("Academy of Glassblowing", "School of Cartography", "Society of Beekeepers",
-                "Library of Tides", "Conservatory of Bells", "Guild of Clockmakers")
+DEVICES = (
+    "Loom",
+    "Compass",
+    "Telescope",
+    "Press",
+    "Engine",
+    "Kiln",
+    "Harp",
+    "Sextant",
+    "Bellows",
+    "Lantern",
+    "Barometer",
+    "Organ",
+)
+INSTITUTIONS = (
+    "Academy of Glassblowing",
+    "School of Cartography",
+    "Society of Beekeepers",
+    "Library of Tides",
+    "Conservatory of Bells",
+    "Guild of Clockmakers",
+)
 ROLES = ("the founder of the", "the first director of the", "the youngest ever head of the")
 
 
 def _description_families():
     """Each family: (number of combinations, function index -> description). Family prefixes differ."""
+
     def title(i):  # "Silver Lanterns of Ordell"
         adjective, i = ADJECTIVES[i % len(ADJECTIVES)], i // len(ADJECTIVES)
         return f"{adjective} {NOUNS[i % len(NOUNS)]} of {PLACES[i // len(NOUNS)]}"
@@ -81,12 +239,23 @@ def _description_families():
     n_titles = len(ADJECTIVES) * len(NOUNS) * len(PLACES)
     return (
         (len(WORKS) * n_titles, lambda i: f"{WORKS[i % len(WORKS)]} {title(i // len(WORKS))}"),
-        (len(JOURNEYS) * len(PLACES), lambda i: "the first person to "
-         + JOURNEYS[i % len(JOURNEYS)].format(place=PLACES[i // len(JOURNEYS)])),
-        (len(ADJECTIVES) * len(DEVICES), lambda i: INVENTIONS[0].format(
-            adj=ADJECTIVES[i % len(ADJECTIVES)].lower(), device=DEVICES[i // len(ADJECTIVES)].lower())),
-        (len(ROLES) * len(INSTITUTIONS) * len(PLACES), lambda i: f"{ROLES[i % len(ROLES)]} "
-         f"{PLACES[i // len(ROLES) % len(PLACES)]} {INSTITUTIONS[i // (len(ROLES) * len(PLACES))]}"),
+        (
+            len(JOURNEYS) * len(PLACES),
+            lambda i: "the first person to " + JOURNEYS[i % len(JOURNEYS)].format(place=PLACES[i // len(JOURNEYS)]),
+        ),
+        (
+            len(ADJECTIVES) * len(DEVICES),
+            lambda i: INVENTIONS[0].format(
+                adj=ADJECTIVES[i % len(ADJECTIVES)].lower(), device=DEVICES[i // len(ADJECTIVES)].lower()
+            ),
+        ),
+        (
+            len(ROLES) * len(INSTITUTIONS) * len(PLACES),
+            lambda i: (
+                f"{ROLES[i % len(ROLES)]} "
+                f"{PLACES[i // len(ROLES) % len(PLACES)]} {INSTITUTIONS[i // (len(ROLES) * len(PLACES))]}"
+            ),
+        ),
     )
 
 
@@ -194,8 +363,11 @@ def _check_choice(label, value, choices):
 
 def render(fact, template, direction, fact_index):
     """Write `fact` with `template`, splitting it into prompt, answer and final punctuation."""
-    fields = {"name": fact.name, "description": fact.description,
-              "Description": fact.description[:1].upper() + fact.description[1:]}
+    fields = {
+        "name": fact.name,
+        "description": fact.description,
+        "Description": fact.description[:1].upper() + fact.description[1:],
+    }
     answer_field = "{description}" if direction == "forward" else "{name}"
     head, tail = template.rsplit(answer_field, 1)
     prompt = head.format(**fields)
@@ -233,7 +405,9 @@ def answer_span_labels(sentence, tokenizer):
     except NotImplementedError as err:
         raise KAError("answer spans need a fast tokenizer (offset mapping): load it with use_fast=True") from err
     input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
-    in_answer = torch.tensor([start < sentence.answer_end and end > sentence.answer_start
-                              for start, end in encoding["offset_mapping"]], dtype=torch.bool)
+    in_answer = torch.tensor(
+        [start < sentence.answer_end and end > sentence.answer_start for start, end in encoding["offset_mapping"]],
+        dtype=torch.bool,
+    )
     answer_labels = torch.where(in_answer, input_ids, torch.full_like(input_ids, -100))
     return input_ids, input_ids.clone(), answer_labels

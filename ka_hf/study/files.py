@@ -36,8 +36,9 @@ def check_out_dir(folder, overwrite: bool = False, flags: str = "--overwrite", o
     if folder.exists() and not folder.is_dir():
         raise KAError(f"{folder} is a file, not a folder: choose another {option}")
     if holds_results(folder) and not overwrite:
-        raise KAError(f"{folder} already holds earlier results: pass {flags} to replace them, or choose another "
-                      f"{option}")
+        raise KAError(
+            f"{folder} already holds earlier results: pass {flags} to replace them, or choose another {option}"
+        )
     return folder
 
 

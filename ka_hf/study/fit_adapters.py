@@ -37,16 +37,24 @@ def _batches(batches):
 
 def _check_standard_model(model) -> None:
     if ka_spec(model.config) is not None:
-        raise KAError("this model runs KA attention already (config.ka); adapters map a standard-trained model's "
-                      "cached outputs to values: use a standard-trained model")
+        raise KAError(
+            "this model runs KA attention already (config.ka); adapters map a standard-trained model's "
+            "cached outputs to values: use a standard-trained model"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # (a) the closed-form fit
 
 
-def fit_adapter_least_squares(model, batches, adapter: KAAdapter | None = None, target: str = "attention",
-                              ridge: float = 1e-4, progress: bool = False) -> KAAdapter:
+def fit_adapter_least_squares(
+    model,
+    batches,
+    adapter: KAAdapter | None = None,
+    target: str = "attention",
+    ridge: float = 1e-4,
+    progress: bool = False,
+) -> KAAdapter:
     """Fit M, b of every layer and head in closed form on the frozen standard model's own activations.
 
     target="values": min sum_j ||f(a_j) - v_j||^2, token by token (f(A) = V makes KA equal standard attention).
@@ -111,24 +119,30 @@ def _rows(tensor, keep):
 # (b) end-to-end distillation
 
 
-def kl_to_standard(model, adapter: KAAdapter | None, input_ids, attention_mask=None, teacher_logits=None,
-                   layers=None) -> torch.Tensor:
+def kl_to_standard(
+    model, adapter: KAAdapter | None, input_ids, attention_mask=None, teacher_logits=None, layers=None
+) -> torch.Tensor:
     """Mean over (unpadded) tokens of KL(standard-attention logits || KA(+adapter) logits) of `model`."""
     if teacher_logits is None:
         with torch.no_grad():
             teacher_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     cache = KACache(layers=layers, adapter=adapter)
     student_logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache).logits
-    kl = F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
-                  log_target=True, reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(student_logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
     if attention_mask is None:
         return kl.mean()
     keep = attention_mask.to(kl.dtype)
     return (kl * keep).sum() / keep.sum()
 
 
-def distill_adapter(model, adapter: KAAdapter, batches, steps: int, lr: float = 1e-3, layers=None,
-                    progress: bool = True) -> list[dict]:
+def distill_adapter(
+    model, adapter: KAAdapter, batches, steps: int, lr: float = 1e-3, layers=None, progress: bool = True
+) -> list[dict]:
     """Train the adapter (model frozen) to minimize KL(standard logits || KA+adapter logits) for `steps` steps.
 
     batches: a list of token-id tensors [B, T] (or dicts with input_ids/attention_mask), cycled through.
@@ -157,9 +171,12 @@ def distill_adapter(model, adapter: KAAdapter, batches, steps: int, lr: float = 
         history.append(dict(step=step + 1, kl=loss.item(), seconds=time.perf_counter() - started))
         bar.set_postfix(kl=f"{loss.item():.4f}")
     adapter.eval()
-    adapter.fit_record = dict(adapter.fit_record, distillation=dict(
-        steps=steps, lr=lr, first_kl=history[0]["kl"], last_kl=history[-1]["kl"],
-        seconds=history[-1]["seconds"]))
+    adapter.fit_record = dict(
+        adapter.fit_record,
+        distillation=dict(
+            steps=steps, lr=lr, first_kl=history[0]["kl"], last_kl=history[-1]["kl"], seconds=history[-1]["seconds"]
+        ),
+    )
     return history
 
 
@@ -176,13 +193,16 @@ def gap_recovered(ppl_kv: float, ppl_ka: float, ppl_adapter: float) -> float:
 def compare_ppl(model, adapters: dict, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
     """PPL of `model` on full blocks [n, T] as kv (standard attention), ka (KACache) and ka+adapter for each
     {name: adapter}, on the same blocks in the same run, with the share of the KA-vs-KV gap each recovers."""
-    from .training import perplexity
+    from .evaluation.ppl import perplexity
 
-    results = {"kv": perplexity(model, blocks, batch_size, progress=progress),
-               "ka": perplexity(model, blocks, batch_size, make_cache=KACache, progress=progress)}
+    results = {
+        "kv": perplexity(model, blocks, batch_size, progress=progress),
+        "ka": perplexity(model, blocks, batch_size, make_cache=KACache, progress=progress),
+    }
     for name, adapter in adapters.items():
-        ppl = perplexity(model, blocks, batch_size, make_cache=functools.partial(KACache, adapter=adapter),
-                         progress=progress)
+        ppl = perplexity(
+            model, blocks, batch_size, make_cache=functools.partial(KACache, adapter=adapter), progress=progress
+        )
         results[name] = ppl
         results[f"{name} gap recovered"] = gap_recovered(results["kv"], results["ka"], ppl)
     return results

@@ -39,17 +39,32 @@ from .records import AdapterFitRecord, EvalRecord, Record, ReversalRecord, Train
 
 # One copy of the templates: model_cards/ of the repository (a checkout or `pip install -e .`); a wheel installs
 # the same files as data under <prefix>/share/ka_hf/model_cards (pyproject.toml's data-files).
-_TEMPLATE_DIRS = (Path(__file__).resolve().parents[2] / "model_cards",
-                  Path(sys.prefix) / "share" / "ka_hf" / "model_cards")
+_TEMPLATE_DIRS = (
+    Path(__file__).resolve().parents[2] / "model_cards",
+    Path(sys.prefix) / "share" / "ka_hf" / "model_cards",
+)
 TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
 TEMPLATES = {"model": "ka_model.md.j2", "adapter": "ka_adapter.md.j2"}
 RESULT_KINDS = ("train", "eval", "reversal")  # the keys of `results`; adapter fits come from the adapter folder
 ADAPTER_SUBDIR = "adapter"
 RESULTS_SUBDIR = "results"
 # What of a save_pretrained directory goes into the folder (anything else there, e.g. optimizer state, stays).
-MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 REPO_ID = re.compile(r"^[^/\s]+/[^/\s]+$")
 TASK = "text-generation"
 REVERSAL_PAPER = "https://arxiv.org/abs/2309.12288"
@@ -79,16 +94,19 @@ def check_model_dir(model_dir) -> Path:
     if not model_dir.is_dir():
         raise KAError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
-        raise KAError(f"{model_dir} has no config.json: give the directory model.save_pretrained() wrote "
-                      "(a training run's best/)")
+        raise KAError(
+            f"{model_dir} has no config.json: give the directory model.save_pretrained() wrote (a training run's best/)"
+        )
     if not any(model_dir.glob("*.safetensors")):
         other = [path.name for path in model_dir.glob("*.bin")]
         hint = f" (it has {', '.join(other)}: load and re-save it)" if other else ""
         raise KAError(f"{model_dir} has no safetensors weights{hint}: save with model.save_pretrained(dir)")
     model_type = _read_json(model_dir / "config.json").get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise KAError(f"ka_hf does not support model_type {model_type!r} (supported: "
-                      f"{', '.join(SUPPORTED_ARCHITECTURES)}): there is no KA model to publish")
+        raise KAError(
+            f"ka_hf does not support model_type {model_type!r} (supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}): there is no KA model to publish"
+        )
     return model_dir
 
 
@@ -96,30 +114,24 @@ def check_adapter_dir(adapter_dir, model_config) -> dict:
     """The adapter config of a save_adapter directory made for this model's shape, or KAError."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise KAError(f"{adapter_dir} holds no ka_hf adapter (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): "
-                      "give the --out directory of examples/fit_adapter.py")
+        raise KAError(
+            f"{adapter_dir} holds no ka_hf adapter (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): "
+            "give the --out directory of examples/fit_adapter.py"
+        )
     config = _read_json(adapter_dir / ADAPTER_CONFIG)
     if config.get("format") != ADAPTER_FORMAT:
         raise KAError(f"{adapter_dir / ADAPTER_CONFIG} is not a ka_hf adapter config")
     shape = attention_shape(model_config)
     mine = {key: config.get(key) for key in ("num_layers", "num_heads", "head_dim")}
     if any(shape[key] != value for key, value in mine.items()):
-        raise KAError(f"the adapter in {adapter_dir} was made for {mine}, the model has "
-                      f"{ {key: shape[key] for key in mine} }: publish it with the model it was fitted for")
+        raise KAError(
+            f"the adapter in {adapter_dir} was made for {mine}, the model has "
+            f"{ {key: shape[key] for key in mine} }: publish it with the model it was fitted for"
+        )
     return config
 
 
-def _read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise KAError(f"{path} does not exist")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KAError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(record, dict):
-        raise KAError(f"{path} does not hold a JSON object")
-    return record
+_read_json = records.read_json_object
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,7 +151,7 @@ def _same_place(recorded, actual: Path) -> bool:
     if Path(recorded).expanduser().resolve() == actual.resolve():
         return True
     parts = tuple(part for part in Path(recorded).parts if part not in (".", "/"))
-    return bool(parts) and ".." not in parts and actual.resolve().parts[-len(parts):] == parts
+    return bool(parts) and ".." not in parts and actual.resolve().parts[-len(parts) :] == parts
 
 
 def _describes(record: Record, model_dir: Path) -> bool:
@@ -158,8 +170,12 @@ def find_results(model_dir) -> dict[str, Path]:
     passed over. Several of a kind: the newest.
     """
     model_dir = Path(model_dir)
-    candidates = [model_dir.parent / "results.json", model_dir / "results.json",
-                  *sorted(model_dir.parent.glob("*/results.json")), *sorted(model_dir.glob("*/results.json"))]
+    candidates = [
+        model_dir.parent / "results.json",
+        model_dir / "results.json",
+        *sorted(model_dir.parent.glob("*/results.json")),
+        *sorted(model_dir.glob("*/results.json")),
+    ]
     found = {}
     for path in dict.fromkeys(candidates):
         try:
@@ -184,8 +200,11 @@ def _finite(value) -> bool:
 def dataset_fields(dataset=None, dataset_config=None, text_file=None, split=None) -> dict:
     """EvalResult's dataset_* fields: a Hub dataset, a local text file (its name only), or the default corpus."""
     if dataset:
-        fields = dict(dataset_type=dataset, dataset_name=dataset + (f" ({dataset_config})" if dataset_config else ""),
-                      dataset_config=dataset_config)
+        fields = dict(
+            dataset_type=dataset,
+            dataset_name=dataset + (f" ({dataset_config})" if dataset_config else ""),
+            dataset_config=dataset_config,
+        )
     elif text_file:
         fields = dict(dataset_type="text-file", dataset_name=Path(text_file).name)
     else:
@@ -221,8 +240,11 @@ def ppl_eval_results(record: EvalRecord) -> list:
     """One PPL per mode: "PPL (kv)", "PPL (ka)", ..."""
     run = record.run
     dataset = dataset_fields(run.get("dataset"), run.get("dataset_config"), run.get("text_file"), run.get("split"))
-    return [_eval_result(dataset, "perplexity", result["ppl"], f"PPL ({result['mode']})")
-            for result in record.results if _finite(result.get("ppl"))]
+    return [
+        _eval_result(dataset, "perplexity", result["ppl"], f"PPL ({result['mode']})")
+        for result in record.results
+        if _finite(result.get("ppl"))
+    ]
 
 
 REVERSAL_METRICS = (  # (label, metric type, where in splits[split])
@@ -280,10 +302,16 @@ def model_summary(model_dir: Path) -> dict:
     layers = setting.layers
     layers_text = "every layer" if layers is None else f"layers {', '.join(map(str, layers))} (standard elsewhere)"
     return dict(
-        config=config, model_type=config.model_type, parameters=parameters, parameters_text=f"{parameters / 1e6:.2f}M",
-        dtype=dtype, hidden_size=config.hidden_size, **shape,
+        config=config,
+        model_type=config.model_type,
+        parameters=parameters,
+        parameters_text=f"{parameters / 1e6:.2f}M",
+        dtype=dtype,
+        hidden_size=config.hidden_size,
+        **shape,
         cache_ratio=(shape["num_kv_heads"] + shape["num_heads"]) / (2 * shape["num_kv_heads"]),
-        ka_trained=setting.is_ka, ka_variant=setting.variant,
+        ka_trained=setting.is_ka,
+        ka_variant=setting.variant,
         ka_layers_text=layers_text,
         ka_section=json.dumps(setting.to_dict()),
         base_model=_hub_id((provenance(config).get("training") or {}).get("model")),
@@ -301,31 +329,53 @@ def train_context(record: TrainRecord) -> dict:
     config, data = record.config, record.data
     epochs = [row for row in record.epochs if isinstance(row, dict)]
     return dict(
-        config=config, best_epoch=record.best_epoch, epochs_run=len(epochs),
+        config=config,
+        best_epoch=record.best_epoch,
+        epochs_run=len(epochs),
         best_val_ppl=report.format_number(record.best_val_ppl),
         stopped_early=bool(epochs and epochs[-1].get("early_stop")),
-        train_seconds=report.format_number(record.train_seconds, 1), data=data_name(config),
-        train_blocks=data.get("train_blocks"), val_blocks=data.get("val_blocks"),
-        seq_len=data.get("seq_len", config.get("seq_len")), device=record.environment.get("device"),
+        train_seconds=report.format_number(record.train_seconds, 1),
+        data=data_name(config),
+        train_blocks=data.get("train_blocks"),
+        val_blocks=data.get("val_blocks"),
+        seq_len=data.get("seq_len", config.get("seq_len")),
+        device=record.environment.get("device"),
         table=report.markdown_table(epochs, TABLE_COLUMNS, digits=1) if epochs else None,
     )
 
 
-EVAL_COLUMNS = [("mode", "mode"), ("ppl", "PPL"), ("degradation_pct", "vs kv (%)"), ("scored_tokens", "scored tokens"),
-                ("tokens_per_s", "tokens/s"), ("cache_kib", "cache (KiB)")]
+EVAL_COLUMNS = [
+    ("mode", "mode"),
+    ("ppl", "PPL"),
+    ("degradation_pct", "vs kv (%)"),
+    ("scored_tokens", "scored tokens"),
+    ("tokens_per_s", "tokens/s"),
+    ("cache_kib", "cache (KiB)"),
+]
 
 
 def eval_context(record: EvalRecord) -> dict:
     run, windows = record.run, record.windows
-    rows = [result | {"cache_kib": result["cache_bytes"] / 1024 if _finite(result.get("cache_bytes")) else None}
-            for result in record.results]
+    rows = [
+        result | {"cache_kib": result["cache_bytes"] / 1024 if _finite(result.get("cache_bytes")) else None}
+        for result in record.results
+    ]
     return dict(
-        data=data_name(run), split=run.get("split"), max_length=windows.get("max_length"), stride=windows.get("stride"),
-        windows=windows.get("count"), scored_tokens=report.format_number(windows.get("scored_tokens")),
-        method=record.method, method_description=record.method_description,
-        device=record.environment.get("device"), table=report.markdown_table(rows, EVAL_COLUMNS),
-        degradation=[(row["mode"], f"{row['degradation_pct']:+.1f}%") for row in rows
-                     if row.get("mode") != "kv" and _finite(row.get("degradation_pct"))],
+        data=data_name(run),
+        split=run.get("split"),
+        max_length=windows.get("max_length"),
+        stride=windows.get("stride"),
+        windows=windows.get("count"),
+        scored_tokens=report.format_number(windows.get("scored_tokens")),
+        method=record.method,
+        method_description=record.method_description,
+        device=record.environment.get("device"),
+        table=report.markdown_table(rows, EVAL_COLUMNS),
+        degradation=[
+            (row["mode"], f"{row['degradation_pct']:+.1f}%")
+            for row in rows
+            if row.get("mode") != "kv" and _finite(row.get("degradation_pct"))
+        ],
     )
 
 
@@ -355,12 +405,20 @@ def adapter_context(adapter_config: dict, fit_record: AdapterFitRecord | None) -
     table = None
     if fit_record is not None:
         ppl = fit_record.ppl
-        rows = [dict(mode=name, ppl=value, recovered=ppl.get(f"{name} gap recovered"))
-                for name, value in ppl.items() if not name.endswith(" gap recovered")]
+        rows = [
+            dict(mode=name, ppl=value, recovered=ppl.get(f"{name} gap recovered"))
+            for name, value in ppl.items()
+            if not name.endswith(" gap recovered")
+        ]
         table = report.markdown_table(rows, ADAPTER_FIT_COLUMNS, digits=3)
-    return dict(kind=adapter_config.get("kind"), mlp_hidden=adapter_config.get("mlp_hidden"), fitted=fit_words(fit),
-                fit_table=table, fit_val_blocks=fit_record.val_blocks if fit_record else None,
-                fit_seq_len=fit_record.seq_len if fit_record else None)
+    return dict(
+        kind=adapter_config.get("kind"),
+        mlp_hidden=adapter_config.get("mlp_hidden"),
+        fitted=fit_words(fit),
+        fit_table=table,
+        fit_val_blocks=fit_record.val_blocks if fit_record else None,
+        fit_seq_len=fit_record.seq_len if fit_record else None,
+    )
 
 
 def fit_words(fit: dict) -> str:
@@ -368,12 +426,16 @@ def fit_words(fit: dict) -> str:
     steps = []
     least_squares, distillation = fit.get("least_squares"), fit.get("distillation")
     if isinstance(least_squares, dict):
-        steps.append(f"closed-form least squares ({least_squares.get('target', '?')} target, ridge "
-                     f"{least_squares.get('ridge', '?')}, {report.format_number(least_squares.get('tokens'))} tokens)")
+        steps.append(
+            f"closed-form least squares ({least_squares.get('target', '?')} target, ridge "
+            f"{least_squares.get('ridge', '?')}, {report.format_number(least_squares.get('tokens'))} tokens)"
+        )
     if isinstance(distillation, dict):
         kl = " → ".join(report.format_number(distillation.get(key), 4) for key in ("first_kl", "last_kl"))
-        steps.append(f"distillation ({distillation.get('steps', '?')} steps of KL(standard logits ‖ KA+adapter "
-                     f"logits), lr {distillation.get('lr', '?')}, KL {kl})")
+        steps.append(
+            f"distillation ({distillation.get('steps', '?')} steps of KL(standard logits ‖ KA+adapter "
+            f"logits), lr {distillation.get('lr', '?')}, KL {kl})"
+        )
     return ", then ".join(steps) or "not recorded"
 
 
@@ -382,13 +444,22 @@ def template_path(kind: str, template_dir=None) -> Path:
         raise KAError(f"unknown card kind {kind!r}: use 'model' or 'adapter'")
     path = Path(template_dir or TEMPLATE_DIR) / TEMPLATES[kind]
     if not path.is_file():
-        raise KAError(f"model card template {path} not found: the templates are in model_cards/ of the ka_hf "
-                      "repository (installed to <prefix>/share/ka_hf/model_cards); pass template_dir=")
+        raise KAError(
+            f"model card template {path} not found: the templates are in model_cards/ of the ka_hf "
+            "repository (installed to <prefix>/share/ka_hf/model_cards); pass template_dir="
+        )
     return path
 
 
-def build_card(model_dir, results: dict[str, Path] | None = None, kind: str | None = None, adapter_dir=None,
-               repo_id: str | None = None, license: str | None = None, template_dir=None):
+def build_card(
+    model_dir,
+    results: dict[str, Path] | None = None,
+    kind: str | None = None,
+    adapter_dir=None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    template_dir=None,
+):
     """The huggingface_hub.ModelCard of a model directory, from its results files.
 
     results: {"train"|"eval"|"reversal": path to that job's results.json}; a missing key leaves its section out.
@@ -418,28 +489,46 @@ def build_card(model_dir, results: dict[str, Path] | None = None, kind: str | No
         adapter = adapter_context(check_adapter_dir(adapter_dir, model["config"]), fit_record)
 
     name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
-    tags = ["ka-cache", "ka-attention", "ka_hf", model["model_type"],
-            "ka-trained" if model["ka_trained"] else "ka-adapter" if adapter else "standard-attention"]
+    tags = [
+        "ka-cache",
+        "ka-attention",
+        "ka_hf",
+        model["model_type"],
+        "ka-trained" if model["ka_trained"] else "ka-adapter" if adapter else "standard-attention",
+    ]
     datasets = _hub_datasets(found)
     card_data = ModelCardData(
-        model_name=name, library_name="transformers", pipeline_tag=TASK, license=license, tags=tags,
-        datasets=datasets or None, base_model=model["base_model"], eval_results=eval_results(found) or None,
+        model_name=name,
+        library_name="transformers",
+        pipeline_tag=TASK,
+        license=license,
+        tags=tags,
+        datasets=datasets or None,
+        base_model=model["base_model"],
+        eval_results=eval_results(found) or None,
     )
     context = dict(
-        model_name=name, repo_id=repo_id or "USER/NAME", model=model, adapter=adapter,
+        model_name=name,
+        repo_id=repo_id or "USER/NAME",
+        model=model,
+        adapter=adapter,
         training=train_context(found["train"]) if "train" in found else None,
         evaluation=eval_context(found["eval"]) if "eval" in found else None,
         reversal=reversal_context(found["reversal"]) if "reversal" in found else None,
-        ka_hf_version=ka_hf.__version__, transformers_version=transformers.__version__,
-        huggingface_hub_version=huggingface_hub.__version__, reversal_paper=REVERSAL_PAPER,
+        ka_hf_version=ka_hf.__version__,
+        transformers_version=transformers.__version__,
+        huggingface_hub_version=huggingface_hub.__version__,
+        reversal_paper=REVERSAL_PAPER,
     )
     return ModelCard.from_template(card_data, template_path=str(template_path(kind, template_dir)), **context)
 
 
 def _hub_datasets(by_kind: dict[str, Record]) -> list[str]:
     """Hub dataset ids the results were measured on (local files and the default corpus are not Hub datasets)."""
-    names = [by_kind["train"].config.get("dataset") if "train" in by_kind else None,
-             by_kind["eval"].run.get("dataset") if "eval" in by_kind else None]
+    names = [
+        by_kind["train"].config.get("dataset") if "train" in by_kind else None,
+        by_kind["eval"].run.get("dataset") if "eval" in by_kind else None,
+    ]
     return list(dict.fromkeys(name for name in names if name))
 
 
@@ -460,26 +549,37 @@ def _check_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> Non
         raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")
 
 
-def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, adapter_dir=None,
-                    repo_id: str | None = None, license: str | None = None, overwrite: bool = False,
-                    template_dir=None) -> list[Path]:
+def assemble_folder(
+    model_dir,
+    out_dir,
+    results: dict[str, Path] | None = None,
+    adapter_dir=None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    overwrite: bool = False,
+    template_dir=None,
+) -> list[Path]:
     """Write the folder to upload: model files (MODEL_FILES), adapter/ (when adapter_dir), results/<kind>.json
     (+ adapter_fit.json), README.md (the card). Returns the files written, sorted. The card is built first, so
     bad inputs fail before anything is written; a non-empty out_dir is refused unless overwrite, and the folder
     is built complete next to it before it replaces it."""
-    card = build_card(model_dir, results, adapter_dir=adapter_dir, repo_id=repo_id, license=license,
-                      template_dir=template_dir)
+    card = build_card(
+        model_dir, results, adapter_dir=adapter_dir, repo_id=repo_id, license=license, template_dir=template_dir
+    )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     results = {key: Path(path) for key, path in (results or {}).items() if path is not None}
     inputs = [model_dir, *results.values()] + ([Path(adapter_dir)] if adapter_dir is not None else [])
     _check_upload_dir(out_dir, inputs, overwrite)
     with files.staged_dir(out_dir) as staging:
-        names = [_copy(path, staging / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))]
+        names = [
+            _copy(path, staging / path.name) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))
+        ]
         names += [_copy(path, staging / RESULTS_SUBDIR / f"{key}.json") for key, path in results.items()]
         if adapter_dir is not None:
             adapter_dir = Path(adapter_dir)
-            names += [_copy(adapter_dir / name, staging / ADAPTER_SUBDIR / name)
-                      for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            names += [
+                _copy(adapter_dir / name, staging / ADAPTER_SUBDIR / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+            ]
             if (adapter_dir / "results.json").is_file():
                 names.append(_copy(adapter_dir / "results.json", staging / RESULTS_SUBDIR / "adapter_fit.json"))
         card.save(staging / "README.md")
@@ -487,8 +587,13 @@ def assemble_folder(model_dir, out_dir, results: dict[str, Path] | None = None, 
     return sorted(dict.fromkeys(out_dir / path.relative_to(staging) for path in names))
 
 
-def push(folder, repo_id: str, private: bool = False, token: str | None = None,
-         commit_message: str = "Upload a KA model with ka_hf") -> str:
+def push(
+    folder,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload a KA model with ka_hf",
+) -> str:
     """create_repo (exist_ok: an existing repo keeps its visibility) + upload_folder; returns the commit URL.
     token None = huggingface_hub's usual one (HF_TOKEN, or `hf auth login`)."""
     from huggingface_hub import create_repo, upload_folder
@@ -500,15 +605,18 @@ def push(folder, repo_id: str, private: bool = False, token: str | None = None,
         raise KAError(f"{folder} is not an assembled folder (no README.md / config.json): use assemble_folder")
     try:
         create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
-                               repo_type="model")
+        commit = upload_folder(
+            repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message, repo_type="model"
+        )
     except OfflineModeIsEnabled:
         raise KAError("HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or use --dry-run") from None
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", None)
         if status in (401, 403):
-            raise KAError(f"the Hub refused {repo_id} ({status}): log in with `hf auth login` or set HF_TOKEN "
-                          "to a token with write access") from None
+            raise KAError(
+                f"the Hub refused {repo_id} ({status}): log in with `hf auth login` or set HF_TOKEN "
+                "to a token with write access"
+            ) from None
         raise
     return commit.commit_url
 
@@ -552,5 +660,7 @@ def _local_folder(path_or_repo: str, kwargs: dict) -> Path:
     try:
         return Path(snapshot_download(path_or_repo, **where))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError) as error:
-        raise KAError(f"cannot load {path_or_repo!r}: not a local folder, and the Hub repo is not available "
-                      f"({type(error).__name__})") from None
+        raise KAError(
+            f"cannot load {path_or_repo!r}: not a local folder, and the Hub repo is not available "
+            f"({type(error).__name__})"
+        ) from None

@@ -40,25 +40,50 @@ def model_config(
 
         if num_kv_heads != num_heads:
             raise KAError("gpt2 has no grouped-query attention: drop num_kv_heads")
-        return GPT2Config(n_layer=num_layers, n_embd=hidden_size, n_head=num_heads, n_inner=intermediate_size,
-                          n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                          **common, **extra)
+        return GPT2Config(
+            n_layer=num_layers,
+            n_embd=hidden_size,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+            **extra,
+        )
     if arch == "gpt-neox":
         from transformers import GPTNeoXConfig
 
         if num_kv_heads != num_heads:
             raise KAError("gpt-neox has no grouped-query attention: drop num_kv_heads")
-        return GPTNeoXConfig(num_hidden_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_heads,
-                             intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-                             rotary_pct=rotary_pct, use_parallel_residual=True, attention_dropout=0.0,
-                             hidden_dropout=0.0, **common, **extra)
+        return GPTNeoXConfig(
+            num_hidden_layers=num_layers,
+            hidden_size=hidden_size,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            rotary_pct=rotary_pct,
+            use_parallel_residual=True,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            **common,
+            **extra,
+        )
     if arch in ("llama", "mistral", "qwen2"):
         from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
         config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-        kwargs = dict(num_hidden_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_heads,
-                      num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-                      max_position_embeddings=max_positions, **common, **extra)
+        kwargs = dict(
+            num_hidden_layers=num_layers,
+            hidden_size=hidden_size,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            **common,
+            **extra,
+        )
         if arch != "llama":
             kwargs["sliding_window"] = sliding_window
             if arch == "qwen2" and sliding_window is not None:

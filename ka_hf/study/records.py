@@ -41,18 +41,27 @@ class Record:
     def from_dict(cls, values: dict, source: str = "the record") -> "Record":
         kind = values.get("kind")
         if kind is None:
-            raise KAError(f"{source} has no 'kind': it was written by an older ka_hf, before results records were "
-                          f"typed; re-run {cls.WRITER} to write it again")
+            raise KAError(
+                f"{source} has no 'kind': it was written by an older ka_hf, before results records were "
+                f"typed; re-run {cls.WRITER} to write it again"
+            )
         if kind != cls.KIND:
             found = RECORDS[kind].WRITER if kind in RECORDS else f"kind {kind!r}"
             raise KAError(f"{source} is not the results.json of {cls.WRITER} (it is {found}'s)")
         version = values.get("schema_version")
         if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise KAError(f"{source} has schema_version {version!r}; this ka_hf reads up to {SCHEMA_VERSION}: "
-                          "upgrade ka_hf")
+            raise KAError(
+                f"{source} has schema_version {version!r}; this ka_hf reads up to {SCHEMA_VERSION}: upgrade ka_hf"
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        missing = [f.name for f in dataclasses.fields(cls) if f.name in known and f.name not in values
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name in known
+            and f.name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise KAError(f"{source} lacks {', '.join(missing)}: it is not a complete {cls.KIND} record")
         return cls.build(values)
@@ -165,8 +174,9 @@ class StudyRecord(Record):
     extra: dict = field(default_factory=dict)
 
 
-RECORDS: dict[str, type[Record]] = {cls.KIND: cls for cls in
-                                    (TrainRecord, EvalRecord, ReversalRecord, AdapterFitRecord, StudyRecord)}
+RECORDS: dict[str, type[Record]] = {
+    cls.KIND: cls for cls in (TrainRecord, EvalRecord, ReversalRecord, AdapterFitRecord, StudyRecord)
+}
 
 
 def from_dict(values: Any, source: str = "the record", kind: str | None = None) -> Record:
@@ -178,14 +188,16 @@ def from_dict(values: Any, source: str = "the record", kind: str | None = None) 
     named = values.get("kind")
     if named not in RECORDS:
         if named is None:
-            raise KAError(f"{source} has no 'kind': it was written by an older ka_hf, before results records were "
-                          "typed; re-run the command that wrote it")
+            raise KAError(
+                f"{source} has no 'kind': it was written by an older ka_hf, before results records were "
+                "typed; re-run the command that wrote it"
+            )
         raise KAError(f"{source} has an unknown kind {named!r} (known: {', '.join(RECORDS)})")
     return RECORDS[named].from_dict(values, source)
 
 
-def read(path, kind: str | None = None) -> Record:
-    """The record in the results.json at `path` (of `kind` when given), or KAError saying what is wrong."""
+def read_json_object(path) -> dict:
+    """The JSON object in `path`, or KAError (missing, not JSON, not an object)."""
     path = Path(path)
     if not path.is_file():
         raise KAError(f"{path} does not exist")
@@ -193,4 +205,11 @@ def read(path, kind: str | None = None) -> Record:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise KAError(f"{path} is not valid JSON: {error}") from None
-    return from_dict(values, str(path), kind)
+    if not isinstance(values, dict):
+        raise KAError(f"{path} does not hold a JSON object")
+    return values
+
+
+def read(path, kind: str | None = None) -> Record:
+    """The record in the results.json at `path` (of `kind` when given), or KAError saying what is wrong."""
+    return from_dict(read_json_object(path), str(path), kind)

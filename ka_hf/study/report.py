@@ -41,7 +41,7 @@ def format_number(value, digits: int = 2) -> str:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        if abs(value) >= 1e5 or (0 < abs(value) < 10 ** -digits):
+        if abs(value) >= 1e5 or (0 < abs(value) < 10**-digits):
             return f"{value:.{digits}e}"
         return f"{value:,.{digits}f}"
     return str(value)

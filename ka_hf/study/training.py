@@ -32,20 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ka_hf.config import ATTENTIONS, VARIANTS, record_provenance
 from ka_hf.errors import KAError
-from ka_hf.config import record_provenance
 from ka_hf.integration import disable_ka, enable_ka
 
 from . import files, report
-from .data import lm_blocks, load_texts, tokenize_texts, train_tokenizer
+from .data import lm_blocks, load_train_val_texts, tokenize_texts, train_tokenizer
+from .evaluation.ppl import sequence_nll
 from .models import ARCHITECTURES, load_model, load_tokenizer, model_config
 from .records import TrainRecord
 
-ATTENTIONS = ("standard", "ka")
-VARIANTS = ("ka", "plan2")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 TRAINER_STATE = "trainer_state.json"
@@ -136,8 +134,14 @@ def check_config(config: TrainConfig) -> None:
         raise KAError("a KA variant only applies to KA training: add attention='ka' (--attention ka)")
     if config.dataset is not None and config.text_file is not None:
         raise KAError("give either a dataset (--dataset) or a text file (--text-file), not both")
-    positive = dict(epochs=config.epochs, batch_size=config.batch_size, samples=config.samples,
-                    seq_len=config.seq_len - 1, patience=config.patience, vocab_size=config.vocab_size - 256)
+    positive = dict(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        samples=config.samples,
+        seq_len=config.seq_len - 1,
+        patience=config.patience,
+        vocab_size=config.vocab_size - 256,
+    )
     for name, value in positive.items():
         if value < 1:
             raise KAError(f"{name} is too small ({getattr(config, name)}): see --help for the valid range")
@@ -153,18 +157,18 @@ def check_config(config: TrainConfig) -> None:
 
 def load_data_texts(config: TrainConfig):
     """(train texts, validation texts or None, a description of where they came from)."""
-    if config.text_file is not None:
-        train_texts = load_texts(text_file=config.text_file, text_column=config.text_column)
-        val_texts = None
-        if config.val_text_file is not None:
-            val_texts = load_texts(text_file=config.val_text_file, text_column=config.text_column)
-        source = config.text_file + (f" (validation: {config.val_text_file})" if config.val_text_file else
-                                     f" (validation: its last {config.val_fraction:.0%} of blocks)")
-        return train_texts, val_texts, source
-    train_texts = load_texts(config.dataset, config.dataset_config, config.split, text_column=config.text_column)
-    val_texts = load_texts(config.dataset, config.dataset_config, config.val_split, text_column=config.text_column)
-    name = config.dataset or "the offline default corpus"
-    return train_texts, val_texts, f"{name} [{config.split} / {config.val_split}]"
+    train_texts, val_texts, source = load_train_val_texts(
+        config.dataset,
+        config.dataset_config,
+        config.text_file,
+        config.val_text_file,
+        config.split,
+        config.val_split,
+        config.text_column,
+    )
+    if val_texts is None:
+        source += f" (validation: its last {config.val_fraction:.0%} of blocks)"
+    return train_texts, val_texts, source
 
 
 def make_blocks(config: TrainConfig, tokenizer, train_texts, val_texts):
@@ -174,9 +178,11 @@ def make_blocks(config: TrainConfig, tokenizer, train_texts, val_texts):
         blocks = lm_blocks(train_ids, config.seq_len)
         n_val = max(1, round(config.val_fraction * len(blocks)))
         if len(blocks) - n_val < 1:
-            raise KAError(f"{len(blocks)} block(s) of {config.seq_len} tokens cannot be split into training and "
-                          "validation: give more text, a smaller --seq-len, or --val-text-file")
-        train_blocks, val_blocks = blocks[: len(blocks) - n_val][: config.samples], blocks[len(blocks) - n_val:]
+            raise KAError(
+                f"{len(blocks)} block(s) of {config.seq_len} tokens cannot be split into training and "
+                "validation: give more text, a smaller --seq-len, or --val-text-file"
+            )
+        train_blocks, val_blocks = blocks[: len(blocks) - n_val][: config.samples], blocks[len(blocks) - n_val :]
     else:
         train_blocks = lm_blocks(train_ids, config.seq_len, config.samples)
         val_blocks = lm_blocks(tokenize_texts(val_texts, tokenizer), config.seq_len)
@@ -221,9 +227,14 @@ def from_scratch_config(config: TrainConfig, tokenizer):
             model_config_ = model_config(values.pop("arch", config.arch), **values)
     else:
         model_config_ = model_config(
-            config.arch, len(tokenizer), num_layers=config.num_layers, hidden_size=config.hidden_size,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-            intermediate_size=config.intermediate_size, max_positions=max(2048, config.seq_len),
+            config.arch,
+            len(tokenizer),
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            intermediate_size=config.intermediate_size,
+            max_positions=max(2048, config.seq_len),
             rotary_pct=config.rotary_pct,
         )
     special = tokenizer.eos_token_id
@@ -240,8 +251,10 @@ def build_model(config: TrainConfig, tokenizer):
     if config.model is not None:
         model = load_model(config.model, dtype=torch.float32)  # train in float32; mixed precision is separate
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise KAError(f"the tokenizer has {len(tokenizer)} tokens but {config.model} embeds only "
-                          f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
+            raise KAError(
+                f"the tokenizer has {len(tokenizer)} tokens but {config.model} embeds only "
+                f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer"
+            )
     else:
         model = AutoModelForCausalLM.from_config(from_scratch_config(config, tokenizer), attn_implementation="sdpa")
     bad_layers = [i for i in config.ka_layers or () if not 0 <= i < model.config.num_hidden_layers]
@@ -253,9 +266,26 @@ def build_model(config: TrainConfig, tokenizer):
 
 def training_record(config: TrainConfig, **extra) -> dict:
     """What the model's provenance (config.ka_provenance["training"]) says about how it was trained."""
-    keys = ("attention", "variant", "ka_layers", "model", "dataset", "dataset_config", "split", "text_file",
-            "samples", "seq_len", "epochs", "patience", "lr", "batch_size", "weight_decay", "lr_schedule",
-            "warmup_steps", "seed")
+    keys = (
+        "attention",
+        "variant",
+        "ka_layers",
+        "model",
+        "dataset",
+        "dataset_config",
+        "split",
+        "text_file",
+        "samples",
+        "seq_len",
+        "epochs",
+        "patience",
+        "lr",
+        "batch_size",
+        "weight_decay",
+        "lr_schedule",
+        "warmup_steps",
+        "seed",
+    )
     record = {key: getattr(config, key) for key in keys}
     record["from_scratch"] = config.model is None
     return record | extra
@@ -272,30 +302,7 @@ def set_attention(model, config: TrainConfig, record: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loss and perplexity
-
-
-def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
-    """Summed next-token NLL of each row of full blocks [B, T] (T - 1 scored tokens per row), float32 [B].
-
-    make_cache: None = one plain forward (the model's own attention: standard, or KA for a KA-trained model);
-    otherwise a function returning a fresh cache (e.g. `lambda: KACache(adapter=...)`) passed to the forward.
-    """
-    kwargs = {"use_cache": False} if make_cache is None else {"cache": make_cache()}
-    logits = model(input_ids=input_ids, **kwargs).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).sum(dim=1)
-
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None, progress: bool = False) -> float:
-    """exp(mean token NLL) over full blocks [n, T] (each scores T - 1 tokens), on the model's device."""
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in tqdm(range(0, len(blocks), batch_size), desc="ppl", disable=not progress, leave=False):
-        total += float(sequence_nll(model, blocks[start:start + batch_size].to(device), make_cache).sum())
-    return math.exp(total / (len(blocks) * (blocks.shape[1] - 1)))
+# Data order
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -356,15 +363,21 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool, acceler
     out = Path(config.out)
     has_checkpoint = (out / "last" / TRAINER_STATE).is_file()
     if resume and not has_checkpoint:
-        raise KAError(f"{out} has no checkpoint to resume from (the run stopped before its first epoch ended): "
-                      f"restart it with --resume {out} --overwrite")
+        raise KAError(
+            f"{out} has no checkpoint to resume from (the run stopped before its first epoch ended): "
+            f"restart it with --resume {out} --overwrite"
+        )
     elif not resume and not overwrite and files.holds_results(out):
         if has_checkpoint:
-            raise KAError(f"{out} already holds a training run: continue it with --resume {out}, or restart it "
-                          "with --overwrite, or choose another --out")
+            raise KAError(
+                f"{out} already holds a training run: continue it with --resume {out}, or restart it "
+                "with --overwrite, or choose another --out"
+            )
         if (out / "train_config.json").is_file():
-            raise KAError(f"{out} holds a training run that stopped before its first checkpoint: restart it with "
-                          f"--resume {out} --overwrite, or choose another --out")
+            raise KAError(
+                f"{out} holds a training run that stopped before its first checkpoint: restart it with "
+                f"--resume {out} --overwrite, or choose another --out"
+            )
         files.check_out_dir(out)
     accelerator.wait_for_everyone()
     if not resume and accelerator.is_main_process:
@@ -403,22 +416,30 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
             with files.staged_dir(out / "tokenizer") as staging:
                 tokenizer.save_pretrained(staging)
     train_blocks, val_blocks = make_blocks(config, tokenizer, train_texts, val_texts)
-    log(f"data: {source}: {len(train_blocks)} training and {len(val_blocks)} validation blocks of "
-        f"{config.seq_len} tokens; vocabulary {len(tokenizer)}")
+    log(
+        f"data: {source}: {len(train_blocks)} training and {len(val_blocks)} validation blocks of "
+        f"{config.seq_len} tokens; vocabulary {len(tokenizer)}"
+    )
 
     set_seed(config.seed)
     model = build_model(config, tokenizer)
-    log(f"model: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{config.attention} attention" + (f" ({config.variant})" if config.attention == "ka" else ""))
+    log(
+        f"model: {model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{config.attention} attention" + (f" ({config.variant})" if config.attention == "ka" else "")
+    )
     sampler = EpochShuffle(len(train_blocks), config.seed)
     train_loader = torch.utils.data.DataLoader(train_blocks, batch_size=config.batch_size, sampler=sampler)
     val_loader = torch.utils.data.DataLoader(val_blocks, batch_size=config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=config.epochs * len(train_loader))
+    schedule = (
+        "constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps else config.lr_schedule
+    )
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.epochs * len(train_loader)
+    )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler)
+        model, optimizer, train_loader, val_loader, scheduler
+    )
 
     state = RunState()
     if resume:
@@ -436,14 +457,22 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
         seconds = time.perf_counter() - started
         started = time.perf_counter()
         val_nll = _validate(model, val_loader, accelerator, config, epoch)
-        record = dict(epoch=epoch, train_ppl=math.exp(train_nll), val_ppl=math.exp(val_nll), seconds=seconds,
-                      val_seconds=time.perf_counter() - started, best=False)
+        record = dict(
+            epoch=epoch,
+            train_ppl=math.exp(train_nll),
+            val_ppl=math.exp(val_nll),
+            seconds=seconds,
+            val_seconds=time.perf_counter() - started,
+            best=False,
+        )
         _update_state(state, record, config)
         if record["best"]:
             _save_best(accelerator, model, tokenizer, config, state, out / "best")
         _save_last(accelerator, state, out)
-        log(f"epoch {epoch}: train PPL {record['train_ppl']:.2f}, val PPL {record['val_ppl']:.2f}, "
-            f"{seconds:.1f} s{'  * best so far' if record['best'] else ''}")
+        log(
+            f"epoch {epoch}: train PPL {record['train_ppl']:.2f}, val PPL {record['val_ppl']:.2f}, "
+            f"{seconds:.1f} s{'  * best so far' if record['best'] else ''}"
+        )
         if on_epoch_end is not None:
             on_epoch_end(record)
 
@@ -459,8 +488,12 @@ def _train_epoch(model, loader, optimizer, scheduler, accelerator, config, epoch
     """One pass over the training blocks; returns the mean token NLL of the epoch (all processes)."""
     model.train()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False,
-               disable=not (config.progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch} train",
+        leave=False,
+        disable=not (config.progress and accelerator.is_local_main_process),
+    )
     for input_ids in bar:
         loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         accelerator.backward(loss)
@@ -481,8 +514,12 @@ def _train_epoch(model, loader, optimizer, scheduler, accelerator, config, epoch
 def _validate(model, loader, accelerator, config, epoch) -> float:
     model.eval()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch} val", leave=False,
-               disable=not (config.progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch} val",
+        leave=False,
+        disable=not (config.progress and accelerator.is_local_main_process),
+    )
     for input_ids in bar:
         with accelerator.autocast():
             nll = sequence_nll(model, input_ids)
@@ -508,8 +545,9 @@ def _update_state(state: RunState, record: dict, config: TrainConfig) -> None:
 def _save_best(accelerator, model, tokenizer, config, state: RunState, best_dir: Path) -> None:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    status = dict(status="best epoch", best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,
-                  epochs_seen=state.epochs_done)
+    status = dict(
+        status="best epoch", best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl, epochs_seen=state.epochs_done
+    )
     set_attention(unwrapped, config, training_record(config, **status))
     if accelerator.is_main_process:
         with files.staged_dir(best_dir) as staging:
@@ -533,8 +571,12 @@ def _save_last(accelerator, state: RunState, out: Path) -> None:
 
 def _result(out: Path, state: RunState) -> TrainResult:
     return TrainResult(
-        out_dir=out, best_dir=out / "best", records=state.records, best_epoch=state.best_epoch,
-        best_val_ppl=state.best_val_ppl, stopped_early=bool(state.records and state.records[-1].get("early_stop")),
+        out_dir=out,
+        best_dir=out / "best",
+        records=state.records,
+        best_epoch=state.best_epoch,
+        best_val_ppl=state.best_val_ppl,
+        stopped_early=bool(state.records and state.records[-1].get("early_stop")),
         train_seconds=sum(record["seconds"] for record in state.records),
     )
 
@@ -543,8 +585,13 @@ def _result(out: Path, state: RunState) -> TrainResult:
 # Reports
 
 
-TABLE_COLUMNS = [("epoch", "Epoch"), ("train_ppl", "Train PPL"), ("val_ppl", "Val PPL"), ("seconds", "Epoch s"),
-                 ("note", "Note")]
+TABLE_COLUMNS = [
+    ("epoch", "Epoch"),
+    ("train_ppl", "Train PPL"),
+    ("val_ppl", "Val PPL"),
+    ("seconds", "Epoch s"),
+    ("note", "Note"),
+]
 
 
 def epoch_notes(records: list[dict], best_epoch: int) -> list[dict]:
@@ -567,12 +614,18 @@ def write_reports(out: Path, config: TrainConfig, state: RunState, source: str, 
     table = report.markdown_table(rows, TABLE_COLUMNS, digits=1)
     summary = f"**Best: epoch {state.best_epoch}, val PPL = {state.best_val_ppl:.1f}**"
     files.write_text(out / "epochs.md", f"## Training results ({title})\n\n{table}\n\n{summary}\n")
-    files.write_json(out / "results.json", TrainRecord(
-        config=config.to_dict(), data=dict(source=source, train_blocks=n_train, val_blocks=n_val,
-                                           seq_len=config.seq_len),
-        epochs=rows, best_epoch=state.best_epoch, best_val_ppl=state.best_val_ppl,
-        train_seconds=sum(record["seconds"] for record in state.records), environment=report.environment(),
-    ))
+    files.write_json(
+        out / "results.json",
+        TrainRecord(
+            config=config.to_dict(),
+            data=dict(source=source, train_blocks=n_train, val_blocks=n_val, seq_len=config.seq_len),
+            epochs=rows,
+            best_epoch=state.best_epoch,
+            best_val_ppl=state.best_val_ppl,
+            train_seconds=sum(record["seconds"] for record in state.records),
+            environment=report.environment(),
+        ),
+    )
 
     def draw(ax):
         epochs = [record["epoch"] for record in rows]

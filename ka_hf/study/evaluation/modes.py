@@ -103,6 +103,12 @@ class Mode:
         )
 
 
+def check_adapter_given(modes, adapter) -> None:
+    """ka+adapter modes need a saved plan-1 adapter: the one check, made before anything is loaded."""
+    if any(mode.needs_adapter for mode in modes) and adapter is None:
+        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+
+
 def parse_modes(text: str, num_layers: int | None = None) -> list[Mode]:
     """Parse a comma-separated mode list (duplicates dropped, order kept); check layer indices if num_layers."""
     modes = []

@@ -96,8 +96,7 @@ def collate(batch, pad_id: int):
 
 
 @torch.no_grad()
-def batch_logits(model, input_ids, attention_mask, mode: Mode, method: str, prompt: int, adapter=None,
-                 device="cpu"):
+def batch_logits(model, input_ids, attention_mask, mode: Mode, method: str, prompt: int, adapter=None, device="cpu"):
     """Logits [B, T, V] of one batch fed in the mode's segments through a fresh cache.
 
     Returns (logits, cache, decode_seconds, decode_tokens): decode_* cover the single-token steps only.
@@ -122,6 +121,28 @@ def token_nll(logits, labels):
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return nll, targets != -100
+
+
+def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
+    """Summed next-token NLL of each row of full blocks [B, T] (T - 1 scored tokens per row), float32 [B].
+
+    make_cache: None = one plain forward (the model's own attention: standard, or KA for a KA-trained model);
+    otherwise a function returning a fresh cache (e.g. `lambda: KACache(adapter=...)`) passed to the forward.
+    """
+    kwargs = {"use_cache": False} if make_cache is None else {"cache": make_cache()}
+    nll, _ = token_nll(model(input_ids=input_ids, **kwargs).logits, input_ids)
+    return nll.sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None, progress: bool = False) -> float:
+    """exp(mean token NLL) over full blocks [n, T] (each scores T - 1 tokens), on the model's device: what training
+    validates with; windows with context and modes are `score_mode`'s."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="ppl", disable=not progress, leave=False):
+        total += float(sequence_nll(model, blocks[start : start + batch_size].to(device), make_cache).sum())
+    return math.exp(total / (len(blocks) * (blocks.shape[1] - 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -166,8 +187,17 @@ def mode_context(model, mode: Mode):
     return without_ka(model) if mode.kind == "kv" else contextlib.nullcontext()
 
 
-def score_mode(model, windows, mode: Mode, method: str = "parallel", batch_size: int = 1, accelerator=None,
-               adapter=None, pad_id: int = 0, progress: bool = True) -> dict:
+def score_mode(
+    model,
+    windows,
+    mode: Mode,
+    method: str = "parallel",
+    batch_size: int = 1,
+    accelerator=None,
+    adapter=None,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> dict:
     """PPL and costs of one mode over `windows` (every process passes all windows; each scores its share).
 
     The first window is run once untimed (warm-up) and gives `cache_bytes`: the bytes of the mode's cache after
@@ -200,12 +230,22 @@ def score_mode(model, windows, mode: Mode, method: str = "parallel", batch_size:
         totals.scalars["seconds"] = wall.seconds
         totals.scalars["peak_memory_bytes"] = float(peak_memory_bytes(device))
     nll_by_position, tokens_by_position, scalars = _gather_totals(totals, accelerator, device)
-    return _mode_record(mode, method, len(windows), nll_by_position, tokens_by_position, scalars, cache_bytes,
-                        len(first["input_ids"]), peak_memory_kind(device, reset_worked))
+    return _mode_record(
+        mode,
+        method,
+        len(windows),
+        nll_by_position,
+        tokens_by_position,
+        scalars,
+        cache_bytes,
+        len(first["input_ids"]),
+        peak_memory_kind(device, reset_worked),
+    )
 
 
-def _mode_record(mode, method, windows, nll_by_position, tokens_by_position, scalars, cache_bytes, cache_tokens,
-                 memory_kind):
+def _mode_record(
+    mode, method, windows, nll_by_position, tokens_by_position, scalars, cache_bytes, cache_tokens, memory_kind
+):
     scored = int(tokens_by_position.sum())
     if scored == 0:
         raise KAError("the windows score no tokens: give more text (at least 2 tokens per window)")
@@ -239,15 +279,17 @@ def _position_means(nll_by_position, tokens_by_position):
     return [float(s / n) if n > 0 else None for s, n in zip(nll_by_position, tokens_by_position)]
 
 
-def score_modes(model, windows, modes, method="parallel", batch_size=1, accelerator=None, adapter=None, pad_id=0,
-                progress=True) -> list[dict]:
+def score_modes(
+    model, windows, modes, method="parallel", batch_size=1, accelerator=None, adapter=None, pad_id=0, progress=True
+) -> list[dict]:
     """`score_mode` for each mode on the same windows, plus `degradation_pct` vs the kv mode when it ran."""
     # a trailing 1-token window scores nothing
     windows = [window for window in windows if count_scored_tokens([window]) > 0]
     if not windows:
         raise KAError("no window scores any token: give more text or a larger --max-length")
-    records = [score_mode(model, windows, mode, method, batch_size, accelerator, adapter, pad_id, progress)
-               for mode in modes]
+    records = [
+        score_mode(model, windows, mode, method, batch_size, accelerator, adapter, pad_id, progress) for mode in modes
+    ]
     return add_degradation(records)
 
 

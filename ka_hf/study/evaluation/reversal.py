@@ -44,7 +44,7 @@ from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
 from .modes import Mode
-from .ppl import mode_context, batch_logits, collate, make_batches, prompt_length, token_nll
+from .ppl import batch_logits, collate, make_batches, mode_context, prompt_length, token_nll
 
 FACT_SPLITS = ("test", "train")
 DIRECTIONS = ("forward", "backward")
@@ -76,13 +76,15 @@ def sentence_windows(sentences, tokenizer) -> list[dict]:
     for sentence in sentences:
         ids, whole, answer = answer_span_labels(sentence, tokenizer)
         ignore = torch.full((len(prefix),), -100, dtype=torch.long)
-        windows.append({
-            "input_ids": torch.cat([torch.tensor(prefix, dtype=torch.long), ids]),
-            "labels": torch.cat([ignore, answer]),
-            "whole_labels": torch.cat([ignore, whole]),
-            "answer": sentence.answer,
-            "answer_tokens": int((answer != -100).sum()),
-        })
+        windows.append(
+            {
+                "input_ids": torch.cat([torch.tensor(prefix, dtype=torch.long), ids]),
+                "labels": torch.cat([ignore, answer]),
+                "whole_labels": torch.cat([ignore, whole]),
+                "answer": sentence.answer,
+                "answer_tokens": int((answer != -100).sum()),
+            }
+        )
     return windows
 
 
@@ -101,8 +103,9 @@ def batch_nll_sums(model, batch, mode: Mode, adapter, pad_id: int, device) -> di
     input_ids, attention_mask, answer_labels = collate(batch, pad_id)
     whole_labels = collate([window | {"labels": window["whole_labels"]} for window in batch], pad_id)[2]
     mask = None if attention_mask is None else attention_mask.to(device)
-    logits = batch_logits(model, input_ids.to(device), mask, mode, "parallel", prompt_length(batch[0]), adapter,
-                          device)[0]
+    logits = batch_logits(
+        model, input_ids.to(device), mask, mode, "parallel", prompt_length(batch[0]), adapter, device
+    )[0]
     sums = {}
     for key, labels in (("whole", whole_labels), ("answer", answer_labels)):
         nll, scored = token_nll(logits, labels.to(device))
@@ -127,9 +130,10 @@ def greedy_continuations(model, batch, tokenizer, mode: Mode, adapter, device) -
         logits = model(new_tokens[-1], cache=cache, use_cache=True).logits[:, -1]
         new_tokens.append(logits.argmax(-1, keepdim=True))
     rows = torch.cat(new_tokens, dim=1).tolist()
-    return [tokenizer.decode(_until(row[: window["answer_tokens"] + 1], tokenizer.eos_token_id),
-                             skip_special_tokens=True)
-            for row, window in zip(rows, batch)]
+    return [
+        tokenizer.decode(_until(row[: window["answer_tokens"] + 1], tokenizer.eos_token_id), skip_special_tokens=True)
+        for row, window in zip(rows, batch)
+    ]
 
 
 def _until(tokens: list[int], stop: int | None) -> list[int]:
@@ -174,8 +178,16 @@ def reversal_summary(forward: dict, backward: dict) -> dict:
     }
 
 
-def score_reversal_mode(model, tokenizer, windows_by_part: dict, mode: Mode, adapter=None, batch_size: int = 32,
-               exact_match: bool = True, progress: bool = True) -> dict:
+def score_reversal_mode(
+    model,
+    tokenizer,
+    windows_by_part: dict,
+    mode: Mode,
+    adapter=None,
+    batch_size: int = 32,
+    exact_match: bool = True,
+    progress: bool = True,
+) -> dict:
     """The reversal record of one mode; windows_by_part: {(split, direction): windows}."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -192,14 +204,20 @@ def score_reversal_mode(model, tokenizer, windows_by_part: dict, mode: Mode, ada
             if exact_match:
                 with Timer(device) as timer:
                     continuations = greedy_continuations(model, batch, tokenizer, mode, adapter, device)
-                matches[part] += sum(answer_matches(text, window["answer"])
-                                     for text, window in zip(continuations, batch))
+                matches[part] += sum(
+                    answer_matches(text, window["answer"]) for text, window in zip(continuations, batch)
+                )
                 seconds["generation"] += timer.seconds
     splits = {}
     for split in dict.fromkeys(split for split, _ in windows_by_part):
-        forward, backward = (_direction_record(sums[(split, direction)], len(windows_by_part[(split, direction)]),
-                                               matches[(split, direction)] if exact_match else None)
-                             for direction in DIRECTIONS)
+        forward, backward = (
+            _direction_record(
+                sums[(split, direction)],
+                len(windows_by_part[(split, direction)]),
+                matches[(split, direction)] if exact_match else None,
+            )
+            for direction in DIRECTIONS
+        )
         splits[split] = reversal_summary(forward, backward)
     return {
         "mode": mode.name,
@@ -225,8 +243,17 @@ def check_split(split: str) -> tuple[str, ...]:
     return (split,)
 
 
-def reversal_metrics(model, tokenizer, facts, modes, split: str = "both", adapter=None, batch_size: int = 32,
-                     exact_match: bool = True, progress: bool = True) -> dict:
+def reversal_metrics(
+    model,
+    tokenizer,
+    facts,
+    modes,
+    split: str = "both",
+    adapter=None,
+    batch_size: int = 32,
+    exact_match: bool = True,
+    progress: bool = True,
+) -> dict:
     """{mode name: record} for each mode on the same fact sentences. A record holds definition, seconds and
     splits[split] = {forward, backward, ratio, gap, answer_ratio, answer_gap}; forward/backward = {sentences, ppl,
     mean_nll, tokens, answer_ppl, answer_mean_nll, answer_tokens, exact_match, exact_match_count}.
@@ -238,11 +265,17 @@ def reversal_metrics(model, tokenizer, facts, modes, split: str = "both", adapte
         raise KAError("no facts to evaluate: give at least one (make_facts(n, seed) with n >= 1)")
     if batch_size < 1:
         raise KAError(f"batch_size must be at least 1, got {batch_size}")
-    windows_by_part = {(name, direction): sentence_windows(fact_sentences(facts, direction, name), tokenizer)
-                       for name in check_split(split) for direction in DIRECTIONS}
-    return {mode.name: score_reversal_mode(model, tokenizer, windows_by_part, mode, adapter, batch_size, exact_match,
-                                           progress)
-            for mode in modes}
+    windows_by_part = {
+        (name, direction): sentence_windows(fact_sentences(facts, direction, name), tokenizer)
+        for name in check_split(split)
+        for direction in DIRECTIONS
+    }
+    return {
+        mode.name: score_reversal_mode(
+            model, tokenizer, windows_by_part, mode, adapter, batch_size, exact_match, progress
+        )
+        for mode in modes
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -258,9 +291,16 @@ def recorded_facts(config) -> dict:
 
 
 TABLE_COLUMNS = [
-    ("mode", "mode"), ("fwd_ppl", "fwd PPL"), ("bwd_ppl", "bwd PPL"), ("ratio", "ratio"), ("gap", "gap"),
-    ("fwd_answer_ppl", "fwd answer PPL"), ("bwd_answer_ppl", "bwd answer PPL"), ("answer_ratio", "answer ratio"),
-    ("em_fwd", "EM fwd"), ("em_bwd", "EM bwd"),
+    ("mode", "mode"),
+    ("fwd_ppl", "fwd PPL"),
+    ("bwd_ppl", "bwd PPL"),
+    ("ratio", "ratio"),
+    ("gap", "gap"),
+    ("fwd_answer_ppl", "fwd answer PPL"),
+    ("bwd_answer_ppl", "bwd answer PPL"),
+    ("answer_ratio", "answer ratio"),
+    ("em_fwd", "EM fwd"),
+    ("em_bwd", "EM bwd"),
 ]
 
 
@@ -270,12 +310,20 @@ def table_rows(results: dict, split: str) -> list[dict]:
     for name, record in results.items():
         summary = record["splits"][split]
         forward, backward = summary["forward"], summary["backward"]
-        rows.append({
-            "mode": name, "fwd_ppl": forward["ppl"], "bwd_ppl": backward["ppl"], "ratio": summary["ratio"],
-            "gap": summary["gap"], "fwd_answer_ppl": forward["answer_ppl"], "bwd_answer_ppl": backward["answer_ppl"],
-            "answer_ratio": summary["answer_ratio"],
-            "em_fwd": forward["exact_match"], "em_bwd": backward["exact_match"],
-        })
+        rows.append(
+            {
+                "mode": name,
+                "fwd_ppl": forward["ppl"],
+                "bwd_ppl": backward["ppl"],
+                "ratio": summary["ratio"],
+                "gap": summary["gap"],
+                "fwd_answer_ppl": forward["answer_ppl"],
+                "bwd_answer_ppl": backward["answer_ppl"],
+                "answer_ratio": summary["answer_ratio"],
+                "em_fwd": forward["exact_match"],
+                "em_bwd": backward["exact_match"],
+            }
+        )
     return rows
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ka_hf.config import num_kv_heads
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
@@ -18,7 +19,7 @@ from .. import report
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
 from ..records import EvalRecord
-from .modes import DEFINITIONS, layer_sweep_modes, parse_modes
+from .modes import DEFINITIONS, check_adapter_given, layer_sweep_modes, parse_modes
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 
 SWEEPS = ("prefix", "single")
@@ -79,8 +80,7 @@ def _run(run: PplRun, accelerator) -> dict | None:
 
     log = accelerator.print
     set_seed(run.seed)
-    if any(mode.needs_adapter for mode in parse_modes(run.modes)) and run.adapter is None:  # before loading
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
+    check_adapter_given(parse_modes(run.modes), run.adapter)  # before loading
     model = load_model(run.model, dtype=DTYPES[run.dtype], device=accelerator.device)
     adapter = load_checked_adapter(run.adapter, model, accelerator.device) if run.adapter else None
     modes = parse_modes(run.modes, model.config.num_hidden_layers)
@@ -170,7 +170,7 @@ def results_record(run, model, data, windows, results, sweep, accelerator) -> di
             "num_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size,
             "num_heads": config.num_attention_heads,
-            "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "num_kv_heads": num_kv_heads(config),
             "dtype": run.dtype,
             "ka_config": getattr(config, "ka", None),
         },

@@ -55,12 +55,23 @@ class KaPerplexity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, model_id, tokenizer=None, modes="kv,ka", max_length=128, stride=128,
-                 method="parallel", batch_size=1, adapter=None, device=None):
+    def _compute(
+        self,
+        predictions,
+        model_id,
+        tokenizer=None,
+        modes="kv,ka",
+        max_length=128,
+        stride=128,
+        method="parallel",
+        batch_size=1,
+        adapter=None,
+        device=None,
+    ):
         import torch
 
-        from ka_hf.study.data import ppl_windows, tokenize_texts
         from ka_hf.errors import KAError
+        from ka_hf.study.data import ppl_windows, tokenize_texts
         from ka_hf.study.evaluation import parse_modes, score_modes
         from ka_hf.study.models import load_model, load_tokenizer
 
@@ -77,8 +88,16 @@ class KaPerplexity(evaluate.Metric):
         if not texts:
             raise KAError("no text to score: predictions holds no non-empty text")
         windows = ppl_windows(tokenize_texts(texts, tokenizer), max_length, stride)
-        records = score_modes(model, windows, parse_modes(modes, model.config.num_hidden_layers), method,
-                              batch_size, adapter=adapter, pad_id=tokenizer.pad_token_id or 0, progress=False)
+        records = score_modes(
+            model,
+            windows,
+            parse_modes(modes, model.config.num_hidden_layers),
+            method,
+            batch_size,
+            adapter=adapter,
+            pad_id=tokenizer.pad_token_id or 0,
+            progress=False,
+        )
         return {
             "perplexities": {record["mode"]: record["ppl"] for record in records},
             "mean_nll": {record["mode"]: record["mean_nll"] for record in records},
