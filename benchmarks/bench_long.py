@@ -28,10 +28,24 @@ import time
 from pathlib import Path
 
 MODELS = {
-    "pythia-70m": dict(arch="gpt-neox", vocab_size=50304, num_layers=6, hidden_size=512, num_heads=8,
-                       intermediate_size=2048, rotary_pct=0.25),
-    "llama-gqa": dict(arch="llama", vocab_size=32000, num_layers=6, hidden_size=1024, num_heads=16, num_kv_heads=4,
-                      intermediate_size=2816),
+    "pythia-70m": dict(
+        arch="gpt-neox",
+        vocab_size=50304,
+        num_layers=6,
+        hidden_size=512,
+        num_heads=8,
+        intermediate_size=2048,
+        rotary_pct=0.25,
+    ),
+    "llama-gqa": dict(
+        arch="llama",
+        vocab_size=32000,
+        num_layers=6,
+        hidden_size=1024,
+        num_heads=16,
+        num_kv_heads=4,
+        intermediate_size=2816,
+    ),
 }
 KINDS = {"prefill": "pythia-70m", "train": "pythia-70m", "decode-mha": "pythia-70m", "decode-gqa": "llama-gqa"}
 
@@ -155,9 +169,24 @@ def decode_step_seconds(model, input_ids, mode, steps, sync) -> float:
 
 
 def run_child(kind, mode, length, args) -> dict:
-    command = [sys.executable, __file__, "--child", kind, mode, str(length), "--device", args.device,
-               "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--decode-steps", str(args.decode_steps)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        mode,
+        str(length),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--decode-steps",
+        str(args.decode_steps),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -169,19 +198,26 @@ def format_bytes(n: int) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| T | prefill KA/KV time | prefill KA/KV memory | train step KA/KV time | train step KA/KV memory "
-             "| decode MHA KA/KV time | decode GQA KA/KV time |", "|" + "---|" * 7]
+    lines = [
+        "| T | prefill KA/KV time | prefill KA/KV memory | train step KA/KV time | train step KA/KV memory "
+        "| decode MHA KA/KV time | decode GQA KA/KV time |",
+        "|" + "---|" * 7,
+    ]
     for row in rows:
         cells = [f"{row['T']:,}"]
         for kind in ("prefill", "train"):
             ka, kv = row[kind]["ka"], row[kind]["kv"]
             cells.append(f"**{ka['seconds'] / kv['seconds']:.2f}x** ({ka['seconds']:.2f} s / {kv['seconds']:.2f} s)")
-            cells.append(f"**{ka['peak_bytes'] / kv['peak_bytes']:.2f}x** ({format_bytes(ka['peak_bytes'])} / "
-                         f"{format_bytes(kv['peak_bytes'])})")
+            cells.append(
+                f"**{ka['peak_bytes'] / kv['peak_bytes']:.2f}x** ({format_bytes(ka['peak_bytes'])} / "
+                f"{format_bytes(kv['peak_bytes'])})"
+            )
         for kind in ("decode-mha", "decode-gqa"):
             ka, kv = row[kind]["ka"], row[kind]["kv"]
-            cells.append(f"**{ka['seconds'] / kv['seconds']:.2f}x** ({ka['seconds'] * 1e3:.1f} ms / "
-                         f"{kv['seconds'] * 1e3:.1f} ms)")
+            cells.append(
+                f"**{ka['seconds'] / kv['seconds']:.2f}x** ({ka['seconds'] * 1e3:.1f} ms / "
+                f"{kv['seconds'] * 1e3:.1f} ms)"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -194,12 +230,17 @@ def plot(rows, path):
 
     lengths = [row["T"] for row in rows]
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind, label in (("prefill", "prefill"), ("train", "train step"), ("decode-mha", "decode, MHA"),
-                        ("decode-gqa", "decode, GQA 16/4")):
+    for kind, label in (
+        ("prefill", "prefill"),
+        ("train", "train step"),
+        ("decode-mha", "decode, MHA"),
+        ("decode-gqa", "decode, GQA 16/4"),
+    ):
         time_axis.plot(lengths, [r[kind]["ka"]["seconds"] / r[kind]["kv"]["seconds"] for r in rows], "o-", label=label)
     for kind, label in (("prefill", "prefill"), ("train", "train step")):
-        memory_axis.plot(lengths, [r[kind]["ka"]["peak_bytes"] / r[kind]["kv"]["peak_bytes"] for r in rows], "o-",
-                         label=label)
+        memory_axis.plot(
+            lengths, [r[kind]["ka"]["peak_bytes"] / r[kind]["kv"]["peak_bytes"] for r in rows], "o-", label=label
+        )
     for axis, title in ((time_axis, "time, KA / KV"), (memory_axis, "peak memory, KA / KV")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(lengths, [f"{t // 1024}k" if t >= 1024 else str(t) for t in lengths])
@@ -244,8 +285,10 @@ def main():
         import torch
 
         machine = torch.cuda.get_device_name(0)
-    header = (f"Machine: {machine}; {platform.platform()}; dtype {args.dtype}; batch 1; "
-              f"{time.perf_counter() - started:.0f} s in all\n")
+    header = (
+        f"Machine: {machine}; {platform.platform()}; dtype {args.dtype}; batch 1; "
+        f"{time.perf_counter() - started:.0f} s in all\n"
+    )
     markdown = header + "\n" + table(rows) if set(kinds) == set(KINDS) else header
     print(markdown)
     out = Path(args.out)

@@ -128,8 +128,9 @@ class KAWindowLayer(KALayer):
     this is exact and equal to keeping the whole history, as `DynamicSlidingWindowLayer` is for K, V.
     """
 
-    def __init__(self, window: int, sink: int = 0, num_query_heads: int | None = None, holds: str = "outputs",
-                 **kwargs):
+    def __init__(
+        self, window: int, sink: int = 0, num_query_heads: int | None = None, holds: str = "outputs", **kwargs
+    ):
         super().__init__(num_query_heads=num_query_heads, **kwargs)
         self.window, self.sink, self.holds = window, sink, holds
         self.cumulative_length = 0  # tokens seen, evicted or not: positions and generate()'s cache_position
@@ -276,8 +277,10 @@ class KACache(Cache):
     def __repr__(self):
         layers = "all" if self.ka_layers is None else sorted(self.ka_layers)
         window = "" if self.window is None else f", window={self.window}, sink={self.sink}"
-        return (f"KACache(prefill={self.prefill!r}, layers={layers}, variant={self.variant!r}, kernel={self.kernel!r}"
-                f"{window}, seq_len={self.get_seq_length()})")
+        return (
+            f"KACache(prefill={self.prefill!r}, layers={layers}, variant={self.variant!r}, kernel={self.kernel!r}"
+            f"{window}, seq_len={self.get_seq_length()})"
+        )
 
     def is_ka_layer(self, layer_idx: int) -> bool:
         return self.ka_layers is None or layer_idx in self.ka_layers
@@ -290,7 +293,9 @@ class KACache(Cache):
         if self.signature is None:
             bad = sorted(i for i in (self.ka_layers or ()) if not 0 <= i < signature.num_layers)
             if bad:
-                raise KAError(f"KACache(layers=...) names layers {bad}, but the model has {signature.num_layers} layers")
+                raise KAError(
+                    f"KACache(layers=...) names layers {bad}, but the model has {signature.num_layers} layers"
+                )
             self.signature = signature
             self._bound_config = config
             self._native_windows = _native_windows(config)
@@ -344,8 +349,9 @@ class KVWindowCache(KACache):
 
     def _new_layer(self, layer_idx: int):
         native = self._native_windows[layer_idx] if layer_idx < len(self._native_windows) else None
-        return KAWindowLayer(window=min(w for w in (self.window, native) if w is not None), sink=self.sink,
-                             holds="values")
+        return KAWindowLayer(
+            window=min(w for w in (self.window, native) if w is not None), sink=self.sink, holds="values"
+        )
 
 
 def _native_windows(config) -> list[int | None]:
@@ -354,8 +360,10 @@ def _native_windows(config) -> list[int | None]:
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     except (AttributeError, TypeError):
         return []
-    return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
-            for kind, kwargs in zip(layer_types, layer_kwargs)]
+    return [
+        kwargs.get("sliding_window") if kind == "sliding_attention" else None
+        for kind, kwargs in zip(layer_types, layer_kwargs)
+    ]
 
 
 def cache_nbytes(cache) -> int:

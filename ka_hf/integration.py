@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.generation.utils import GenerationMixin
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import KACache
 from .config import CONFIG_KEY, PROVENANCE_KEY, KAConfig, provenance, record_provenance
@@ -70,8 +69,9 @@ def _check_supported(model) -> None:
         )
 
 
-def enable_ka(model, layers=None, variant: str = "ka", kernel: str = "auto",
-              block_size: int | None = DEFAULT_BLOCK_SIZE, **record):
+def enable_ka(
+    model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE, **record
+):
     """Make `model` run exact KA attention on `layers` (None = all) in every forward, with or without a cache.
 
     `kernel` picks how KA is computed ("auto", "blocked", "parallel" or "loop"; see `ka_hf.ops.kernels`) and
@@ -82,8 +82,13 @@ def enable_ka(model, layers=None, variant: str = "ka", kernel: str = "auto",
     runtime setting (`ka_hf.KAConfig`). Returns the model.
     """
     _check_supported(model)
-    setting = KAConfig(attention="ka", layers=None if layers is None else [int(i) for i in layers], variant=variant,
-                       kernel=kernel, block_size=block_size)
+    setting = KAConfig(
+        attention="ka",
+        layers=None if layers is None else [int(i) for i in layers],
+        variant=variant,
+        kernel=kernel,
+        block_size=block_size,
+    )
     _set_config(model.config, setting, record)
     return model
 
@@ -105,8 +110,9 @@ def disable_ka(model):
 
 @contextlib.contextmanager
 def _config_ka_within(model, set_section):
-    saved = {key: (hasattr(model.config, key), getattr(model.config, key, None))
-             for key in (CONFIG_KEY, PROVENANCE_KEY)}
+    saved = {
+        key: (hasattr(model.config, key), getattr(model.config, key, None)) for key in (CONFIG_KEY, PROVENANCE_KEY)
+    }
     set_section(model)
     try:
         yield model
@@ -118,7 +124,9 @@ def _config_ka_within(model, set_section):
                 delattr(model.config, key)
 
 
-def exact_ka(model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE):
+def exact_ka(
+    model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE
+):
     """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
 
         with ka_hf.exact_ka(model):
@@ -173,12 +181,15 @@ def window_attention_mask(attention_mask: torch.Tensor, window: int, sink: int =
     decoding with `KACache(window=, sink=)` (under KA) or a window-with-sinks KV cache (under standard attention)
     computes; any attention implementation reads it."""
     length = attention_mask.shape[-1]
-    allowed = causal_allowed(length, length, attention_mask.device, window, sink) & attention_mask[:, None, None, :].bool()
+    allowed = (
+        causal_allowed(length, length, attention_mask.device, window, sink) & attention_mask[:, None, None, :].bool()
+    )
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def window_allowed(mask, key_positions, n_seen: int, n_new: int, window: int, sink: int,
-                   sliding_window: int | None = None, device=None):
+def window_allowed(
+    mask, key_positions, n_seen: int, n_new: int, window: int, sink: int, sliding_window: int | None = None, device=None
+):
     """Boolean mask (B or 1, 1, n_new, K) of a window layer whose K kept keys sit at absolute `key_positions`
     (the new tokens last) after `n_seen` tokens in all: a query sees the sinks and the keys less than `window`
     positions back, and what HF's mask over all `n_seen` positions allows (padding, the model's own window)."""
@@ -195,8 +206,9 @@ def window_allowed(mask, key_positions, n_seen: int, n_new: int, window: int, si
 # The attention function a routed call runs.
 
 
-def ka_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                         sliding_window=None, **kwargs):
+def ka_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, sliding_window=None, **kwargs
+):
     route = ACTIVE_ROUTE.get()
     if route is None or route.kind != "ka":
         raise KAError(
@@ -212,8 +224,16 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
     if positions is None:
         allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
     else:
-        allowed = window_allowed(attention_mask, positions, layer.cumulative_length, n_new, layer.window, layer.sink,
-                                 sliding_window, query.device)
+        allowed = window_allowed(
+            attention_mask,
+            positions,
+            layer.cumulative_length,
+            n_new,
+            layer.window,
+            layer.sink,
+            sliding_window,
+            query.device,
+        )
 
     if layer is not None:
         outputs = _ka_with_cache(cache, route.layer_idx, query, key, value, allowed, scale, softcap, dropout_p)
@@ -224,9 +244,18 @@ def ka_attention_forward(module, query, key, value, attention_mask, scaling=None
                 f"{type(cache).__name__} holds values instead. Pass past_key_values=ka_hf.KACache() "
                 "(generate() does so by default for KA models) or use_cache=False."
             )
-        outputs = ka_attention(query, key, value, allowed=allowed, scale=scale, softcap=softcap,
-                               variant=route.variant, dropout_p=dropout_p, block_size=route.block_size,
-                               kernel=route.kernel)
+        outputs = ka_attention(
+            query,
+            key,
+            value,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            variant=route.variant,
+            dropout_p=dropout_p,
+            block_size=route.block_size,
+            kernel=route.kernel,
+        )
     route.used = True
     return outputs.transpose(1, 2), None
 
@@ -246,13 +275,31 @@ def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scal
         outputs = ka_decode_step(query, keys, values, allowed, scale, softcap)
     elif adapter is not None:
         # f applied to outputs inside the chunk has no exact triangular solve in general: run the recursion.
-        outputs = ka_attention_naive(query, keys, new_values, past_outputs=past_outputs, allowed=allowed, scale=scale,
-                                     softcap=softcap, variant=cache.variant,
-                                     value_map=functools.partial(adapter.map_outputs, layer_idx))
+        outputs = ka_attention_naive(
+            query,
+            keys,
+            new_values,
+            past_outputs=past_outputs,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            variant=cache.variant,
+            value_map=functools.partial(adapter.map_outputs, layer_idx),
+        )
     else:
-        outputs = ka_attention(query, keys, new_values, past_outputs=past_outputs, allowed=allowed, scale=scale,
-                               softcap=softcap, variant=cache.variant, dropout_p=dropout_p,
-                               block_size=cache.block_size, kernel=cache.kernel)
+        outputs = ka_attention(
+            query,
+            keys,
+            new_values,
+            past_outputs=past_outputs,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            variant=cache.variant,
+            dropout_p=dropout_p,
+            block_size=cache.block_size,
+            kernel=cache.kernel,
+        )
     layer.store_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
     return outputs
 
@@ -273,13 +320,16 @@ class Captured:
     values: torch.Tensor
 
 
-def _capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                               sliding_window=None, **kwargs):
+def _capture_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, sliding_window=None, **kwargs
+):
     """Standard attention (the KA ops' weights, so masks match KA exactly) that records what it computed."""
     records = _CAPTURED.get()
     if records is None:
-        raise KAError(f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
-                      "ka_hf.integration.capture_attention; do not load a model with it")
+        raise KAError(
+            f"attn_implementation={CAPTURE_IMPLEMENTATION!r} is set per call by "
+            "ka_hf.integration.capture_attention; do not load a model with it"
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_new, n_total = query.shape[-2], key.shape[-2]
     allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)

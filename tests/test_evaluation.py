@@ -351,7 +351,10 @@ def test_window_modes_score_exactly_the_windowed_reference(model_and_windows):
         for window in windows:
             ids, labels = window["input_ids"][None], window["labels"][None]
             mask = ka_hf.window_attention_mask(torch.ones_like(ids), window=6, sink=2)
-            with torch.no_grad(), ka_hf.exact_ka(model, kernel="loop") if attention == "ka" else ka_hf.without_ka(model):
+            with (
+                torch.no_grad(),
+                ka_hf.exact_ka(model, kernel="loop") if attention == "ka" else ka_hf.without_ka(model),
+            ):
                 nll, scored = token_nll(model(ids, attention_mask=mask, use_cache=False).logits, labels)
             nll_sum, tokens = nll_sum + float(nll[scored].sum()), tokens + int(scored.sum())
         assert record["ppl"] == pytest.approx(math.exp(nll_sum / tokens), rel=RTOL), record["mode"]

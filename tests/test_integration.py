@@ -55,8 +55,13 @@ def test_left_padded_batch_matches_each_row_alone(arch_name, implementation):
     attention_mask[1, :4] = 0  # row 1: 4 left pads
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does (GPT-2 has absolute positions)
     with torch.no_grad():
-        batch = model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=KACache(), use_cache=True).logits
+        batch = model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=KACache(),
+            use_cache=True,
+        ).logits
         alone = model(input_ids[1:, 4:], past_key_values=KACache(), use_cache=True).logits
         first = model(input_ids[:1], past_key_values=KACache(), use_cache=True).logits
     assert torch.isfinite(batch).all()
@@ -93,8 +98,9 @@ def test_dynamic_cache_after_ka_cache_is_standard(arch_name):
 def test_generate_greedy_equals_argmax_of_teacher_forced_ka(arch_name):
     model = tiny_model(arch_name)
     prompt = random_ids(length=6)
-    generated = model.generate(prompt, past_key_values=KACache(), max_new_tokens=8, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
+    generated = model.generate(
+        prompt, past_key_values=KACache(), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     with exact_ka(model), torch.no_grad():
         logits = model(generated).logits
     assert torch.equal(logits[:, 5:-1].argmax(-1), generated[:, 6:])
@@ -155,8 +161,10 @@ def test_both_cache_argument_spellings():
         new = model(input_ids, cache=KACache(), use_cache=True).logits
     assert torch.equal(old, new)
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(model.generate(input_ids, past_key_values=KACache(), **settings),
-                       model.generate(input_ids, cache=KACache(), **settings))
+    assert torch.equal(
+        model.generate(input_ids, past_key_values=KACache(), **settings),
+        model.generate(input_ids, cache=KACache(), **settings),
+    )
 
 
 def test_hybrid_prefill_is_standard_then_ka():
@@ -207,8 +215,9 @@ def test_enable_ka_survives_save_and_load(tmp_path):
     with torch.no_grad():
         assert (loaded(input_ids).logits - expected).abs().max() < 1e-5
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(loaded.generate(input_ids, **settings),
-                       loaded.generate(input_ids, past_key_values=KACache(), **settings))
+    assert torch.equal(
+        loaded.generate(input_ids, **settings), loaded.generate(input_ids, past_key_values=KACache(), **settings)
+    )
     with pytest.raises(KAError, match="KACache"):  # a DynamicCache cannot continue KA
         loaded.generate(input_ids, past_key_values=DynamicCache(), **settings)
 
@@ -229,8 +238,16 @@ def test_unsupported_architecture_is_refused():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
-                                     num_attention_heads=2, word_embed_proj_dim=16)).eval()
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    ).eval()
     with pytest.raises(KAError, match="gpt2, gpt_neox, llama"):
         model(random_ids(), past_key_values=KACache(), use_cache=True)
     with pytest.raises(KAError, match="does not support model_type 'opt'"):
@@ -251,8 +268,17 @@ def test_other_llama_family_members(family):
 
     torch.manual_seed(0)
     extra = dict(attn_logit_softcapping=2.0, sliding_window=4, query_pre_attn_scalar=8) if family == "gemma2" else {}
-    config = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, **extra)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        **extra,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").double().eval()
     input_ids = random_ids(length=9)
     parallel, _ = chunked_logits(model, input_ids, chunk=9)

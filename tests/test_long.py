@@ -37,21 +37,30 @@ def test_blocked_kernel_at_long_length_equals_the_loop(block_size, n_past):
     q, k, v, past = random_inputs(length, n_past=n_past)
     allowed = padded_window_mask(2, length, n_past + length, pads=[0, n_past + 45])
     reference = ka_attention_naive(q, k, v, past_outputs=past, allowed=allowed, scale=0.3)
-    blocked = ka_attention(q, k, v, past_outputs=past, allowed=allowed, scale=0.3, block_size=block_size,
-                           kernel="blocked")
+    blocked = ka_attention(
+        q, k, v, past_outputs=past, allowed=allowed, scale=0.3, block_size=block_size, kernel="blocked"
+    )
     assert (blocked - reference).abs().max() < 1e-10
     no_mask = ka_attention(q, k, v, past_outputs=past, scale=0.3, block_size=block_size, kernel="blocked")
     assert (no_mask - ka_attention_naive(q, k, v, past_outputs=past, scale=0.3)).abs().max() < 1e-10
-    explicit = ka_attention_blocked(q, k, v, past_outputs=past, allowed=allowed, scale=0.3, block_size=block_size,
-                                    fused=False)  # the past as other devices compute it
+    explicit = ka_attention_blocked(
+        q, k, v, past_outputs=past, allowed=allowed, scale=0.3, block_size=block_size, fused=False
+    )  # the past as other devices compute it
     assert (explicit - reference).abs().max() < 1e-10
 
 
 # fused=False: the explicit-tile past that non-CPU devices (and softcapped models) run
-@pytest.mark.parametrize("softcap,window,sink,fused", [
-    (None, None, 0, True), (None, 50, 4, True), (None, None, 0, False), (None, 50, 4, False),
-    (3.0, None, 0, False), (3.0, 50, 0, False),
-])
+@pytest.mark.parametrize(
+    "softcap,window,sink,fused",
+    [
+        (None, None, 0, True),
+        (None, 50, 4, True),
+        (None, None, 0, False),
+        (None, 50, 4, False),
+        (3.0, None, 0, False),
+        (3.0, 50, 0, False),
+    ],
+)
 def test_blocked_gradients_at_long_length_equal_autograd_through_the_loop(softcap, window, sink, fused):
     length, n_past = 260, 20
     inputs = random_inputs(length, n_past=n_past, seed=1)
@@ -60,8 +69,9 @@ def test_blocked_gradients_at_long_length_equal_autograd_through_the_loop(softca
     grads = []
     for run in (
         lambda q, k, v, p: ka_attention_naive(q, k, v, past_outputs=p, allowed=allowed, scale=0.3, softcap=softcap),
-        lambda q, k, v, p: ka_attention_blocked(q, k, v, past_outputs=p, allowed=allowed, scale=0.3,
-                                                softcap=softcap, block_size=64, fused=fused),
+        lambda q, k, v, p: ka_attention_blocked(
+            q, k, v, past_outputs=p, allowed=allowed, scale=0.3, softcap=softcap, block_size=64, fused=fused
+        ),
     ):
         leaves = [t.clone().requires_grad_() for t in inputs]
         (run(*leaves) * upstream).sum().backward()
@@ -153,8 +163,13 @@ def test_window_cache_with_left_padding_matches_each_row_alone():
         padded[i, 9 - row.shape[1] :], attention_mask[i, 9 - row.shape[1] :] = row, 1
     with torch.no_grad():
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does
-        batch_logits = model(padded, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=KACache(window=4), use_cache=True).logits
+        batch_logits = model(
+            padded,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=KACache(window=4),
+            use_cache=True,
+        ).logits
         for i, row in enumerate(rows):
             alone = model(row, past_key_values=KACache(window=4), use_cache=True).logits
             assert (batch_logits[i, 9 - row.shape[1] :] - alone[0]).abs().max() < 1e-10
@@ -163,12 +178,19 @@ def test_window_cache_with_left_padding_matches_each_row_alone():
 def test_generate_with_a_window_cache_and_beam_search():
     model = tiny_model("llama-gqa", max_positions=128)
     prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
-    greedy = model.generate(prompt, past_key_values=KACache(window=5, sink=1), max_new_tokens=20, do_sample=False,
-                            pad_token_id=0)
+    greedy = model.generate(
+        prompt, past_key_values=KACache(window=5, sink=1), max_new_tokens=20, do_sample=False, pad_token_id=0
+    )
     steps, ids, _ = generate_logits(model, prompt, KACache(window=5, sink=1), new_tokens=20)
     assert torch.equal(greedy, ids)
-    beams = model.generate(prompt, past_key_values=KACache(window=5, sink=1), max_new_tokens=8, num_beams=3,
-                           do_sample=False, pad_token_id=0)
+    beams = model.generate(
+        prompt,
+        past_key_values=KACache(window=5, sink=1),
+        max_new_tokens=8,
+        num_beams=3,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert beams.shape == (1, 14)
 
 

@@ -82,8 +82,14 @@ def test_token_by_token_equals_whole(kernel):
     q, k, v = random_qkv(length=9)
     outputs = None
     for i in range(9):
-        new = ka_attention(q[..., i : i + 1, :], k[..., : i + 1, :], v[..., i : i + 1, :], past_outputs=outputs,
-                           scale=0.5, kernel=kernel)
+        new = ka_attention(
+            q[..., i : i + 1, :],
+            k[..., : i + 1, :],
+            v[..., i : i + 1, :],
+            past_outputs=outputs,
+            scale=0.5,
+            kernel=kernel,
+        )
         outputs = new if outputs is None else torch.cat([outputs, new], dim=-2)
     assert (outputs - ka_attention(q, k, v, scale=0.5, kernel=kernel)).abs().max() < 1e-12
 
@@ -116,8 +122,7 @@ def test_gradcheck_parallel_form(kernel, softcap):
     allowed = left_padded(1, 7, pads=[1])
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ka_attention(q, k, v, allowed=allowed, scale=0.5, softcap=softcap, block_size=3,
-                                     kernel=kernel),
+        lambda q, k, v: ka_attention(q, k, v, allowed=allowed, scale=0.5, softcap=softcap, block_size=3, kernel=kernel),
         inputs,
     )
 

@@ -59,7 +59,9 @@ def test_two_threads_sharing_one_model_get_their_single_threaded_results(arch_na
 
     threads = [
         threading.Thread(target=repeat, args=("KACache", lambda: decode(model, prompt, KACache), expected_ka)),
-        threading.Thread(target=repeat, args=("DynamicCache", lambda: decode(model, prompt, DynamicCache), expected_kv)),
+        threading.Thread(
+            target=repeat, args=("DynamicCache", lambda: decode(model, prompt, DynamicCache), expected_kv)
+        ),
         threading.Thread(target=repeat, args=("no cache", plain, expected_plain)),
     ]
     for thread in threads:

@@ -231,8 +231,16 @@ class _Tile:
         past_keys, past_outputs = self.keys[..., : self.past_end, :], attended[..., : self.past_end, :]
         if self.fused:
             return _flash_cpu_backward(
-                multipliers, self.queries, past_keys, past_outputs, block_outputs, lse, 0.0, False,
-                attn_mask=self._past_mask(), scale=self.scale,
+                multipliers,
+                self.queries,
+                past_keys,
+                past_outputs,
+                block_outputs,
+                lse,
+                0.0,
+                False,
+                attn_mask=self._past_mask(),
+                scale=self.scale,
             )
         scores = self._past_scores(past_keys)
         weights = torch.exp(scores - lse.unsqueeze(-1))

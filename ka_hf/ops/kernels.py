@@ -63,12 +63,31 @@ def ka_attention(
     if kernel == "blocked":
         if dropout_p > 0.0:
             raise ValueError("the 'blocked' kernel has no attention dropout; use kernel='parallel' (or 'auto')")
-        return ka_attention_blocked(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
-                                    softcap=softcap, block_size=block_size)
+        return ka_attention_blocked(
+            query,
+            key,
+            value,
+            past_outputs=past_outputs,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            block_size=block_size,
+        )
     if kernel == "parallel":
-        return ka_attention_parallel(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
-                                     softcap=softcap, variant=variant, dropout_p=dropout_p, block_size=block_size)
+        return ka_attention_parallel(
+            query,
+            key,
+            value,
+            past_outputs=past_outputs,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            variant=variant,
+            dropout_p=dropout_p,
+            block_size=block_size,
+        )
     if dropout_p > 0.0:
         raise ValueError("the 'loop' kernel has no attention dropout; use kernel='parallel' (or 'auto')")
-    return ka_attention_naive(query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale,
-                              softcap=softcap, variant=variant)
+    return ka_attention_naive(
+        query, key, value, past_outputs=past_outputs, allowed=allowed, scale=scale, softcap=softcap, variant=variant
+    )

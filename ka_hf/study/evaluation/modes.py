@@ -47,8 +47,10 @@ DEFINITIONS = {
     ),
 }
 
-MODES_HELP = ("kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter, kv-window@W, ka-window@W "
-              "(W tokens; @W+S adds S sink tokens)")
+MODES_HELP = (
+    "kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter, kv-window@W, ka-window@W "
+    "(W tokens; @W+S adds S sink tokens)"
+)
 _LAYER_PART = re.compile(r"^\d+(-\d+)?$")
 _WINDOW_PART = re.compile(r"^(\d+)(?:\+(\d+))?$")
 
@@ -148,8 +150,9 @@ def parse_layers(text: str, num_layers: int | None = None, mode_text: str = "") 
             raise KAError(f"bad layer range {part!r} in mode {mode_text or text!r}: write low-high")
         layers.update(range(first, last + 1))
     if num_layers is not None and max(layers) >= num_layers:
-        raise KAError(f"mode {mode_text or text!r} names layer {max(layers)}, "
-                      f"but the model has layers 0-{num_layers - 1}")
+        raise KAError(
+            f"mode {mode_text or text!r} names layer {max(layers)}, but the model has layers 0-{num_layers - 1}"
+        )
     return tuple(sorted(layers))
 
 

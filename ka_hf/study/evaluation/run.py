@@ -25,9 +25,16 @@ from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 SWEEPS = ("prefix", "single")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TABLE_COLUMNS = [
-    ("mode", "mode"), ("ppl", "PPL"), ("degradation_pct", "vs kv (%)"), ("mean_nll", "mean NLL"),
-    ("scored_tokens", "scored tokens"), ("tokens_per_s", "tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
-    ("total_time_s", "total time (s)"), ("peak_memory_mib", "peak memory (MiB)"), ("cache_kib", "cache (KiB)"),
+    ("mode", "mode"),
+    ("ppl", "PPL"),
+    ("degradation_pct", "vs kv (%)"),
+    ("mean_nll", "mean NLL"),
+    ("scored_tokens", "scored tokens"),
+    ("tokens_per_s", "tokens/s"),
+    ("decode_tokens_per_s", "decode tokens/s"),
+    ("total_time_s", "total time (s)"),
+    ("peak_memory_mib", "peak memory (MiB)"),
+    ("cache_kib", "cache (KiB)"),
 ]
 
 
@@ -88,13 +95,23 @@ def _run(run: PplRun, accelerator) -> dict | None:
     tokenizer = load_tokenizer(run.tokenizer or run.model)
 
     data, windows = load_windows(run, tokenizer)
-    log(f"data: {data['source']}: {data['texts']:,} texts, {data['tokens']:,} tokens -> {len(windows):,} windows "
-        f"(max_length {run.max_length}, stride {run.stride}), {count_scored_tokens(windows):,} scored tokens")
-    log(f"scoring: {run.method} ({METHOD_DESCRIPTIONS[run.method]}); {accelerator.num_processes} process(es) "
-        f"on {accelerator.device}; modes: {', '.join(mode.name for mode in modes)}")
+    log(
+        f"data: {data['source']}: {data['texts']:,} texts, {data['tokens']:,} tokens -> {len(windows):,} windows "
+        f"(max_length {run.max_length}, stride {run.stride}), {count_scored_tokens(windows):,} scored tokens"
+    )
+    log(
+        f"scoring: {run.method} ({METHOD_DESCRIPTIONS[run.method]}); {accelerator.num_processes} process(es) "
+        f"on {accelerator.device}; modes: {', '.join(mode.name for mode in modes)}"
+    )
 
-    common = dict(method=run.method, batch_size=run.batch_size, accelerator=accelerator, adapter=adapter,
-                  pad_id=tokenizer.pad_token_id or 0, progress=run.progress and accelerator.is_main_process)
+    common = dict(
+        method=run.method,
+        batch_size=run.batch_size,
+        accelerator=accelerator,
+        adapter=adapter,
+        pad_id=tokenizer.pad_token_id or 0,
+        progress=run.progress and accelerator.is_main_process,
+    )
     results = score_modes(model, windows, modes, **common)
     sweep = None
     if run.layer_sweep:
@@ -125,8 +142,10 @@ def load_checked_adapter(path, model, device):
 
 def check_model(model, modes, run: PplRun) -> None:
     if any(mode.uses_ka for mode in modes) and model.config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise KAError(f"KA modes need a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
-                      f"model is {model.config.model_type!r}: use --modes kv")
+        raise KAError(
+            f"KA modes need a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
+            f"model is {model.config.model_type!r}: use --modes kv"
+        )
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and run.max_length > positions:
         raise KAError(f"--max-length {run.max_length} exceeds the model's {positions} positions")
@@ -147,9 +166,15 @@ def load_windows(run: PplRun, tokenizer):
         source = f"{run.dataset} ({run.dataset_config}) [{run.split}]"
     else:
         source = f"ka_hf.study.data.default_corpus('{run.split}') (offline stdlib docstrings)"
-    data = dict(source=source, texts=len(texts), tokens=len(ids), text_column=run.text_column,
-                joined="texts tokenized without special tokens and joined with eos between them",
-                tokenizer=run.tokenizer or run.model, vocabulary=len(tokenizer))
+    data = dict(
+        source=source,
+        texts=len(texts),
+        tokens=len(ids),
+        text_column=run.text_column,
+        joined="texts tokenized without special tokens and joined with eos between them",
+        tokenizer=run.tokenizer or run.model,
+        vocabulary=len(tokenizer),
+    )
     data["windows_available"] = all_windows
     return data, windows
 
@@ -181,7 +206,7 @@ def results_record(run, model, data, windows, results, sweep, accelerator) -> di
             "count": len(windows),
             "scored_tokens": count_scored_tokens(windows),
             "scoring": "NLL over labels != -100 with the usual shift; context tokens (already scored by the "
-                       "previous window) are -100; windows that score no token are dropped",
+            "previous window) are -100; windows that score no token are dropped",
             "limited_to_first": run.max_windows,
         },
         "method": run.method,
@@ -200,9 +225,15 @@ def results_record(run, model, data, windows, results, sweep, accelerator) -> di
 
 def table_rows(records):
     """Table cells: memory in MiB/KiB, mean NLL with 4 decimals (PPL gaps can be small)."""
-    return [record | {"peak_memory_mib": record["peak_memory_bytes"] / 2**20,
-                      "cache_kib": record["cache_bytes"] / 1024, "mean_nll": f"{record['mean_nll']:.4f}"}
-            for record in records]
+    return [
+        record
+        | {
+            "peak_memory_mib": record["peak_memory_bytes"] / 2**20,
+            "cache_kib": record["cache_bytes"] / 1024,
+            "mean_nll": f"{record['mean_nll']:.4f}",
+        }
+        for record in records
+    ]
 
 
 def results_markdown(record: dict, with_header: bool = True) -> str:
@@ -212,7 +243,8 @@ def results_markdown(record: dict, with_header: bool = True) -> str:
     if with_header:
         model, data, windows = record["model"], record["data"], record["windows"]
         lines += [
-            "# Perplexity: KV vs KA on the same model, windows and run", "",
+            "# Perplexity: KV vs KA on the same model, windows and run",
+            "",
             f"- model: `{model['path']}` ({model['model_type']}, {model['parameters'] / 1e6:.2f}M parameters, "
             f"{model['num_layers']} layers, hidden {model['hidden_size']}, {model['num_heads']} heads, {model['dtype']})",
             f"- data: {data['source']}: {data['tokens']:,} tokens; {windows['count']:,} windows of "
@@ -235,8 +267,11 @@ def diagnostics_lines(record) -> list[str]:
     lines = []
     kv = next((r for r in record["results"] if r["mode"] == "kv"), None)
     if kv is not None:
-        lines += ["Mean NLL gap to kv (nats) by position in the window, in four equal ranges of the positions scored "
-                  "by most windows (does the error accumulate along the sequence?):", ""]
+        lines += [
+            "Mean NLL gap to kv (nats) by position in the window, in four equal ranges of the positions scored "
+            "by most windows (does the error accumulate along the sequence?):",
+            "",
+        ]
         rows = [{"mode": r["mode"], **position_gaps(r, kv)} for r in record["results"] if r["mode"] != "kv"]
         quarter_keys = [key for key in (rows[0] if rows else {}) if key != "mode"]
         lines += [report.markdown_table(rows, [("mode", "mode")] + [(key, key) for key in quarter_keys], digits=4), ""]
@@ -247,9 +282,14 @@ def diagnostics_lines(record) -> list[str]:
     sweep = record.get("layer_sweep")
     if sweep:
         what = "layers [0..k]" if sweep["kind"] == "prefix" else "layer k alone"
-        lines += ["", f"Layer sweep: KA on {what} (does the error accumulate over depth?):", "",
-                  report.markdown_table(table_rows(sweep["results"]), TABLE_COLUMNS[:4]), "",
-                  "![layer sweep](layer_sweep.png)"]
+        lines += [
+            "",
+            f"Layer sweep: KA on {what} (does the error accumulate over depth?):",
+            "",
+            report.markdown_table(table_rows(sweep["results"]), TABLE_COLUMNS[:4]),
+            "",
+            "![layer sweep](layer_sweep.png)",
+        ]
     return lines
 
 
@@ -275,9 +315,13 @@ def window_lines(record) -> list[str]:
             row[f"{first}-{final}"] = nll / tokens if tokens else None
         rows.append(row)
     columns += [(f"{first}-{final}", f"positions {first}-{final}") for first, final in ranges]
-    return [f"Mean NLL (nats) by position of the predicted token, around the end of the {window}-token window "
-            f"(positions {window} and later see the window only; caches measured after the first window):", "",
-            report.markdown_table(rows, columns, digits=3), ""]
+    return [
+        f"Mean NLL (nats) by position of the predicted token, around the end of the {window}-token window "
+        f"(positions {window} and later see the window only; caches measured after the first window):",
+        "",
+        report.markdown_table(rows, columns, digits=3),
+        "",
+    ]
 
 
 def position_gaps(result, kv, parts: int = 4) -> dict:
@@ -289,8 +333,9 @@ def position_gaps(result, kv, parts: int = 4) -> dict:
         if not chunk:
             continue
         tokens = sum(kv["tokens_by_position"][i] for i in chunk)
-        gap = sum((result["nll_by_position"][i] - kv["nll_by_position"][i]) * kv["tokens_by_position"][i]
-                  for i in chunk)
+        gap = sum(
+            (result["nll_by_position"][i] - kv["nll_by_position"][i]) * kv["tokens_by_position"][i] for i in chunk
+        )
         gaps[f"positions {chunk[0]}-{chunk[-1]}"] = gap / tokens
     return gaps
 
@@ -332,8 +377,9 @@ def _finish_position_axes(ax, record, ylabel, title):
     """Labels, a dashed line at each window mode's window end, the legend outside the data."""
     for window in sorted({r["window"] for r in record["results"] if r.get("window")}):
         ax.axvline(window, color="gray", linestyle="--", linewidth=0.8)
-        ax.annotate(f"window {window}", (window, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
-                    ha="left", va="top")
+        ax.annotate(
+            f"window {window}", (window, 1.0), xycoords=("data", "axes fraction"), fontsize=8, ha="left", va="top"
+        )
     ax.set(xlabel="position of the predicted token in the window", ylabel=ylabel, title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
@@ -369,8 +415,12 @@ def plot_layer_sweep(record, path):
 
     def draw(ax):
         ks = [max(r["layers"]) for r in sweep["results"]]
-        ax.plot(ks, [r["ppl"] for r in sweep["results"]], marker="o", label="KA on " +
-                ("layers 0..k" if sweep["kind"] == "prefix" else "layer k only"))
+        ax.plot(
+            ks,
+            [r["ppl"] for r in sweep["results"]],
+            marker="o",
+            label="KA on " + ("layers 0..k" if sweep["kind"] == "prefix" else "layer k only"),
+        )
         for name, style in (("kv", "--"), ("ka", ":")):
             if name in reference:
                 ax.axhline(reference[name], linestyle=style, color="gray", label=f"{name} ({reference[name]:.4g})")
@@ -379,4 +429,3 @@ def plot_layer_sweep(record, path):
         ax.legend()
 
     return report.save_plot(path, draw)
-
