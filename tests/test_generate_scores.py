@@ -39,23 +39,27 @@ def generate_with_float64_logits(model, input_ids, padding, **options):
 
 
 def oracle_step_logits(model, sequences, prompt_padding):
-    """Oracle KA logits (n_sequences, NEW, vocab) that predicted each generated token of `sequences`."""
+    """Oracle KA logits (n_sequences, generated, vocab) that predicted each token of `sequences` after the prompt
+    (`prompt_padding`: the prompt's 2-D mask, one row per prompt)."""
+    prompt = prompt_padding.shape[1]
     repeat = sequences.shape[0] // prompt_padding.shape[0]
     padding = torch.cat([prompt_padding.repeat_interleave(repeat, 0),
-                         torch.ones(sequences.shape[0], sequences.shape[1] - PROMPT, dtype=torch.long)], dim=1)
+                         torch.ones(sequences.shape[0], sequences.shape[1] - prompt, dtype=torch.long)], dim=1)
     logits = oracle.oracle_logits(model, sequences, padding, oracle.generate_position_ids(padding))
-    return logits[:, PROMPT - 1 : -1]
+    return logits[:, prompt - 1 : -1]
 
 
 def assert_steps_match(out, steps, expected, rows=None):
-    """Per step t: the row of the batch (or beam) that produced token t, against the oracle."""
-    n = expected.shape[0]
-    assert len(steps) == len(out.logits) == NEW
-    for t in range(NEW):
+    """Per step t: the row of the batch (or beam) that produced token t, against the oracle. `steps` None: only
+    generate's float32 logits are compared."""
+    n, n_steps = expected.shape[:2]
+    assert len(out.logits) == n_steps and (steps is None or len(steps) == n_steps)
+    for t in range(n_steps):
         index = torch.arange(n) if rows is None else rows[:, t].long()
-        float64 = steps[t][index]
-        diff = (float64 - expected[:, t]).abs().max().item()
-        assert torch.isfinite(float64).all() and diff < TOL, f"step {t}: float64 logits off by {diff:.3e}"
+        if steps is not None:
+            float64 = steps[t][index]
+            diff = (float64 - expected[:, t]).abs().max().item()
+            assert torch.isfinite(float64).all() and diff < TOL, f"step {t}: float64 logits off by {diff:.3e}"
         float32 = out.logits[t][index].double()
         f32_tol = 2 * torch.finfo(torch.float32).eps * max(1.0, expected[:, t].abs().max().item())
         diff = (float32 - expected[:, t]).abs().max().item()
@@ -106,3 +110,32 @@ def test_sampling_with_a_fixed_seed(name):
         torch.manual_seed(11)
         reference = model.generate(input_ids, attention_mask=padding, use_cache=False, **sampling, **SETTINGS)
     assert torch.equal(reference.sequences, out.sequences)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2-softcap"])
+def test_second_turn_on_the_same_cache(name):
+    """A second generate() on the same KACache: its prompt (the first answer's last token and a new turn of 3
+    tokens) is one chunk over the cached past."""
+    model = FEATURE_MODELS[name][0](FEATURE_MODELS[name][1][0])
+    input_ids, padding = prompt_batch()
+    cache = KACache()
+    first, _ = generate_with_float64_logits(model, input_ids, padding, past_key_values=cache, do_sample=False)
+    turn = torch.randint(1, VOCAB, (len(ROW_LENGTHS), 3), generator=torch.Generator().manual_seed(5))
+    input_ids = torch.cat([first.sequences, turn], dim=1)
+    padding = torch.cat([padding, torch.ones_like(input_ids[:, PROMPT:])], dim=1)
+    second, steps = generate_with_float64_logits(model, input_ids, padding, past_key_values=cache, do_sample=False)
+    assert_steps_match(second, steps, oracle_step_logits(model, second.sequences, padding))
+
+
+def test_assisted_decoding_logits():
+    """Assisted decoding verifies several candidate tokens in one chunk over the cached past, then crops."""
+    model = FEATURE_MODELS["llama-gqa"][0]("sdpa")
+    assistant = FEATURE_MODELS["llama-gqa"][0]("sdpa")
+    torch.manual_seed(5)
+    for parameter in assistant.parameters():  # a different but related model: some candidates are rejected
+        parameter.data.add_(0.02 * torch.randn_like(parameter))
+    input_ids, padding = prompt_batch()
+    input_ids, padding = input_ids[:1], padding[:1]
+    out = model.generate(input_ids, attention_mask=padding, past_key_values=KACache(), assistant_model=assistant,
+                         do_sample=False, **SETTINGS)
+    assert_steps_match(out, None, oracle_step_logits(model, out.sequences, padding))
