@@ -136,10 +136,12 @@ def standard_reference(query, key, value, allowed, scale, softcap=None) -> torch
     return weights(query, key, allowed, scale, softcap) @ values
 
 
-def ka_reference(query, key, value, allowed, scale, softcap=None) -> torch.Tensor:
+def ka_reference(query, key, value, allowed, scale, softcap=None, standard_prefix: int = 0) -> torch.Tensor:
     """KA outputs (B, H_q, T, d_v) of a whole sequence in float64, one token at a time (KA-SPEC §2).
 
     query (B, H_q, T, d), key (B, H_kv, T, d), value (B, H_kv, T, d_v): every token of the sequence, no cache.
+    standard_prefix: the first slots get standard attention outputs (the ka-hybrid mode, KA-SPEC §4), which the
+    later tokens then attend over as their A.
     """
     n = query.shape[-2]
     if key.shape[-2] != n or value.shape[-2] != n:
@@ -148,6 +150,9 @@ def ka_reference(query, key, value, allowed, scale, softcap=None) -> torch.Tenso
     values = query_head_keys(value.to(torch.float64), query.shape[1])
     outputs = []
     for i in range(n):
+        if i < standard_prefix:
+            outputs.append(w[..., i : i + 1, :] @ values)
+            continue
         output = w[..., i, i, None, None] * values[..., i : i + 1, :]
         for j in range(i):
             output = output + w[..., i, j, None, None] * outputs[j]
@@ -162,6 +167,8 @@ def ka_reference(query, key, value, allowed, scale, softcap=None) -> torch.Tenso
 @dataclass
 class _Run:
     mode: str
+    ka_layers: frozenset | None = None  # KA mode: the layers that run KA (None = all), the others standard
+    standard_prefix: int = 0  # KA mode: slots computed with standard attention first (ka-hybrid)
     layers_called: set = field(default_factory=set)
 
 
@@ -198,8 +205,8 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise AssertionError("the oracle expects the 2-D padding mask of its own mask function")
     n_query, n_key = query.shape[-2], key.shape[-2]
     allowed = allowed_keys(n_query, n_key, attention_mask, features.window)[:, None]
-    if run.mode == "ka":
-        output = ka_reference(query, key, value, allowed, features.scale, features.softcap)
+    if run.mode == "ka" and (run.ka_layers is None or module.layer_idx in run.ka_layers):
+        output = ka_reference(query, key, value, allowed, features.scale, features.softcap, run.standard_prefix)
     else:
         output = standard_reference(query, key, value, allowed, features.scale, features.softcap)
     run.layers_called.add(module.layer_idx)
@@ -211,13 +218,16 @@ AttentionMaskInterface.register(ORACLE_IMPLEMENTATION, _padding_mask_only)
 
 
 @contextlib.contextmanager
-def oracle(model, mode: str = "ka"):
-    """Within the block, `model`'s attention is the oracle's (standard or KA), whatever it was loaded with."""
+def oracle(model, mode: str = "ka", ka_layers=None, standard_prefix: int = 0):
+    """Within the block, `model`'s attention is the oracle's (standard or KA), whatever it was loaded with.
+
+    KA mode options: ka_layers (KA on these layers only, standard attention on the others) and standard_prefix
+    (the first slots of every sequence get standard attention outputs, cached as their A: ka-hybrid)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: use one of {MODES}")
     config = model.config
     previous = config._attn_implementation
-    run = _Run(mode)
+    run = _Run(mode, None if ka_layers is None else frozenset(ka_layers), standard_prefix)
     token = _RUN.set(run)
     config._attn_implementation = ORACLE_IMPLEMENTATION
     try:
@@ -228,11 +238,13 @@ def oracle(model, mode: str = "ka"):
 
 
 @torch.no_grad()
-def oracle_logits(model, input_ids, attention_mask=None, position_ids=None, mode: str = "ka") -> torch.Tensor:
-    """Logits (float64) of one uncached forward of `model` with the oracle's attention on every layer."""
+def oracle_logits(model, input_ids, attention_mask=None, position_ids=None, mode: str = "ka",
+                  **options) -> torch.Tensor:
+    """Logits (float64) of one uncached forward of `model` with the oracle's attention on every layer
+    (options: those of `oracle`)."""
     if getattr(model.config, "ka", None):
         raise RuntimeError("the model's config asks ka_hf for KA: the oracle would not be called")
-    with oracle(model, mode) as run:
+    with oracle(model, mode, **options) as run:
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     if run.layers_called != set(range(model.config.num_hidden_layers)):
         raise AssertionError(f"the oracle ran on layers {sorted(run.layers_called)} only")

@@ -70,9 +70,12 @@ def test_standard_mode_reproduces_hf_eager(name):
     ours = oracle.oracle_logits(model, input_ids, mode="standard")
     assert_close(ours, full, slice(None), 1e-12, "unpadded")
     assert_close(ours, as_shipped, slice(None), 1e-6, "unpadded, HF's float32 softmax")
-    # Left-padded batch: HF's eager float64 path turns fully masked pad rows into NaN (min + score overflows to
-    # -inf), so its reference for row b is row b alone, unpadded.
+    # Left-padded batch (as shipped, HF's float32 softmax turns the float64 mask minimum into -inf, and a fully
+    # masked pad row into NaN that spreads to its whole row; with the softmax kept in float64 it does not).
     padded = oracle.oracle_logits(model, input_ids, padding, positions, mode="standard")
+    with torch.no_grad(), float64_softmax():
+        hf_padded = model(input_ids, attention_mask=padding, position_ids=positions).logits
+    assert_close(padded, hf_padded, padding.bool(), 1e-12, "padded")
     for row, n in enumerate(ROW_LENGTHS):
         with torch.no_grad(), float64_softmax():
             alone = model(input_ids[row : row + 1, LENGTH - n :]).logits
@@ -177,6 +180,45 @@ def test_ka_cache_block_sizes(name, block_size):
     assert_close(whole, expected, padding.bool(), what="one pass")
     assert_close(chunked(model, input_ids, 7, padding, positions, block_size=block_size), expected,
                  padding.bool(), what="two chunks")
+
+
+@pytest.mark.parametrize("name", ["gpt2-layer-scale", "qwen2-sliding", "gemma2-softcap"])
+def test_ka_on_some_layers_only(name):
+    """KACache(layers=[1]) and exact_ka(model, layers=[1]): KA on layer 1, HF's own attention elsewhere (its
+    eager softmax kept in float64, see float64_softmax)."""
+    model = make(name, FEATURE_MODELS[name][1][0])
+    input_ids, padding, positions = batch()
+    expected = oracle.oracle_logits(model, input_ids, padding, positions, ka_layers=[1])
+    with torch.no_grad(), float64_softmax():
+        whole = model(input_ids, attention_mask=padding, position_ids=positions,
+                      past_key_values=KACache(layers=[1]), use_cache=True).logits
+        with exact_ka(model, layers=[1]):
+            context = model(input_ids, attention_mask=padding, position_ids=positions).logits
+        tokens = chunked(model, input_ids, 1, padding, positions, layers=[1])
+    assert_close(whole, expected, padding.bool(), what="KACache(layers=[1])")
+    assert_close(context, expected, padding.bool(), what="exact_ka(layers=[1])")
+    assert_close(tokens, expected, padding.bool(), what="token by token")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-sliding", "gemma2-softcap"])
+@pytest.mark.parametrize("prompt", [1, 6])
+def test_hybrid_prefill_then_ka(name, prompt):
+    """KACache(prefill="standard"): the prompt's standard attention outputs are cached as A, later tokens run
+    KA over them (one chunk of 3, then token by token)."""
+    model = make(name, FEATURE_MODELS[name][1][0])
+    input_ids, padding, positions = batch()
+    expected = oracle.oracle_logits(model, input_ids, padding, positions, standard_prefix=prompt)
+    cache = KACache(prefill="standard")
+    bounds = [0, prompt, prompt + 3, *range(prompt + 4, LENGTH + 1)]
+    parts = []
+    with torch.no_grad():
+        for start, stop in zip(bounds, bounds[1:]):
+            parts.append(model(input_ids[:, start:stop], attention_mask=padding[:, :stop],
+                               position_ids=positions[:, start:stop], past_key_values=cache, use_cache=True).logits)
+    assert_close(torch.cat(parts, dim=1), expected, padding.bool(), what=f"hybrid, prompt {prompt}")
+    if prompt > 1:  # one token's standard output is its value, its KA output too; longer prompts differ
+        pure_ka = oracle.oracle_logits(model, input_ids, padding, positions)
+        assert (pure_ka - expected)[padding.bool()].abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("name", list(FEATURE_MODELS))

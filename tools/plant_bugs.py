@@ -82,6 +82,11 @@ BUGS = [
     Bug("decode-drops-softcap", "the fused decode fast path taken with a softcap (softcap ignored)",
         "ka_hf/ops/parallel.py", (
             ("if softcap is None and query.shape[1] == key.shape[1]:", "if query.shape[1] == key.shape[1]:"),)),
+    Bug("hybrid-prefill-ignored", "KACache(prefill=\"standard\") prefills with KA anyway", "ka_hf/integration.py", (
+        ('if cache.prefill == "standard" and past_outputs is None:',
+         'if False and cache.prefill == "standard" and past_outputs is None:'),)),
+    Bug("layer-subset-ignored", "KACache(layers=...) runs KA on every layer", "ka_hf/integration.py", (
+        ('kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"', 'kind = "ka"'),)),
     Bug("prefill-always-standard", "a KACache prefill always runs standard attention (ka-hybrid by accident)",
         "ka_hf/integration.py", (
             ('if cache.prefill == "standard" and past_outputs is None:', "if past_outputs is None:"),)),
