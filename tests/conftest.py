@@ -56,3 +56,58 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_family_model(
+    family: str, dtype=torch.float64, seed: int = 0, attn_implementation: str = "eager", num_layers: int = 3, **extra
+):
+    """Tiny Gemma / Gemma-2 / Qwen3 (families `ka_hf.models.model_config` does not build): GQA 4/2, head_dim 8."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.to(dtype).eval()
+
+
+# Every supported model_type, each with the non-default attention features ka_hf must read from the model:
+# name -> (factory(attn_implementation), attention implementations it supports).
+FEATURE_MODELS = {
+    "gpt2": (lambda impl: tiny_model("gpt2", attn_implementation=impl), ("sdpa", "eager")),
+    "gpt2-layer-scale": (
+        lambda impl: tiny_model("gpt2", attn_implementation=impl, scale_attn_by_inverse_layer_idx=True),
+        ("sdpa", "eager"),
+    ),
+    "gpt-neox-partial-rotary": (lambda impl: tiny_model("gpt-neox", attn_implementation=impl), ("sdpa", "eager")),
+    "llama-gqa": (lambda impl: tiny_model("llama-gqa", attn_implementation=impl), ("sdpa", "eager")),
+    "mistral-sliding": (lambda impl: tiny_model("mistral-sliding", attn_implementation=impl), ("sdpa", "eager")),
+    # layers 1 and 2 windowed (window 4), layer 0 full
+    "qwen2-sliding": (
+        lambda impl: tiny_model("qwen2-gqa", attn_implementation=impl, sliding_window=4, max_window_layers=1),
+        ("sdpa", "eager"),
+    ),
+    "qwen3-sliding": (
+        lambda impl: tiny_family_model(
+            "qwen3", attn_implementation=impl, use_sliding_window=True, sliding_window=4, max_window_layers=1
+        ),
+        ("sdpa", "eager"),
+    ),
+    "gemma": (lambda impl: tiny_family_model("gemma", attn_implementation=impl), ("sdpa", "eager")),
+    # softcap, query_pre_attn_scalar != head_dim (8), alternating sliding window 4; no sdpa for Gemma-2
+    "gemma2-softcap": (
+        lambda impl: tiny_family_model(
+            "gemma2", attn_implementation=impl, attn_logit_softcapping=2.0, query_pre_attn_scalar=5, sliding_window=4
+        ),
+        ("eager",),
+    ),
+}

@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Mutation testing by hand: plant realistic bugs in ka_hf, one at a time, and check that the tests catch each.
+
+Each bug is a textual find/replace patch on ka_hf's source. For every bug the script restores a temporary copy
+of the working tree (tracked and untracked-but-not-ignored files; the real tree is never touched), applies the
+patch, runs the chosen tests (`python -m pytest -x -q -n 2`) in that copy and records the first failing test.
+It prints a table: bug -> caught by (first failing test) / SURVIVED / patch did not apply. The code changes under
+these patches: a patch whose text is no longer found exactly once is reported as "patch did not apply"
+(update its find text) instead of stopping the run.
+
+    python tools/plant_bugs.py                       # every bug, the default test subset
+    python tools/plant_bugs.py --bugs softcap-inside-tanh,decode-ignores-mask
+    python tools/plant_bugs.py --tests tests/test_ops.py tests/test_integration.py
+    python tools/plant_bugs.py --list
+
+Exit status: 0 when every applied bug was caught, 1 when one survived (or the unpatched tests fail), 2 with
+--strict when a patch did not apply.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TESTS = ["tests/test_properties.py", "tests/test_oracle.py", "tests/test_generate_scores.py"]
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    what: str
+    path: str
+    patches: tuple  # ((find, replace), ...): each find must occur exactly once in `path`
+
+
+BUGS = [
+    Bug(
+        "scale-ignored",
+        "the model's attention scale ignored: always head_dim**-0.5",
+        "ka_hf/integration.py",
+        (
+            (
+                "    scale = scaling if scaling is not None else query.shape[-1] ** -0.5\n    n_new, n_total =",
+                "    scale = query.shape[-1] ** -0.5\n    n_new, n_total =",
+            ),
+        ),
+    ),
+    Bug(
+        "softcap-inside-tanh",
+        "softcap as tanh(s) * c instead of tanh(s / c) * c",
+        "ka_hf/ops/common.py",
+        (("torch.tanh(scores / softcap) * softcap", "torch.tanh(scores) * softcap"),),
+    ),
+    Bug(
+        "window-off-by-one",
+        "sliding window q - k <= window instead of < window",
+        "ka_hf/ops/common.py",
+        (("(query_pos - key_pos < sliding_window)", "(query_pos - key_pos <= sliding_window)"),),
+    ),
+    Bug(
+        "mask-2d-ignored",
+        "the 2-D (flash-style) padding mask ignored",
+        "ka_hf/integration.py",
+        (("return causal & mask[:, None, None, -n_total:].bool()", "return causal"),),
+    ),
+    Bug(
+        "decode-ignores-mask",
+        "ka_decode_step ignores `allowed`",
+        "ka_hf/ops/parallel.py",
+        (
+            ("attn_mask=allowed, scale=scale)", "attn_mask=None, scale=scale)"),
+            (
+                "return _attend(query, key, attended, allowed, scale, softcap)",
+                "return _attend(query, key, attended, None, scale, softcap)",
+            ),
+        ),
+    ),
+    Bug(
+        "gqa-repeat",
+        "GQA kv heads expanded with repeat (h % n_kv) instead of repeat_interleave (h // group)",
+        "ka_hf/ops/common.py",
+        (("x.repeat_interleave(group, dim=1)", "x.repeat(1, group, 1, 1)"),),
+    ),
+    Bug(
+        "cache-gqa-repeat",
+        "KACache placeholders expanded with repeat instead of repeat_interleave",
+        "ka_hf/cache.py",
+        (("value_states.repeat_interleave(group, dim=1)", "value_states.repeat(1, group, 1, 1)"),),
+    ),
+    Bug(
+        "diagonal-dropped",
+        "the diagonal weight w_ii v_i dropped from the right-hand side",
+        "ka_hf/ops/parallel.py",
+        (
+            (
+                "rhs = weights_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * new_values",
+                "rhs = torch.zeros_like(new_values)",
+            ),
+        ),
+    ),
+    Bug(
+        "solve-reads-diagonal",
+        "the triangular solve reads the diagonal (not unit-triangular)",
+        "ka_hf/ops/parallel.py",
+        (("upper=False, unitriangular=True)", "upper=False, unitriangular=False)"),),
+    ),
+    Bug(
+        "past-outputs-ignored",
+        "a chunk ignores the cached past outputs (W_past A_past dropped)",
+        "ka_hf/ops/parallel.py",
+        (
+            (
+                "    if n_past > 0:\n        rhs = rhs + weights[..., :n_past] @ past_outputs",
+                "    if False:\n        rhs = rhs + weights[..., :n_past] @ past_outputs",
+            ),
+        ),
+    ),
+    Bug(
+        "earlier-blocks-forgotten",
+        "a block's past omits the blocks solved before it",
+        "ka_hf/ops/parallel.py",
+        (
+            (
+                "earlier = ([past_outputs] if past_outputs is not None else []) + block_outputs",
+                "earlier = [past_outputs] if past_outputs is not None else []",
+            ),
+        ),
+    ),
+    Bug(
+        "minus-inf-fill",
+        "masked scores filled with -inf (fully masked pad rows become NaN)",
+        "ka_hf/ops/common.py",
+        (
+            (
+                "scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)",
+                "scores.masked_fill(~allowed, float('-inf'))",
+            ),
+        ),
+    ),
+    Bug(
+        "causal-top-left",
+        "causal mask of a chunk aligned top-left (new tokens at positions 0..n-1)",
+        "ka_hf/ops/common.py",
+        (
+            (
+                "query_pos = torch.arange(n_total - n_new, n_total, device=device)[:, None]",
+                "query_pos = torch.arange(n_new, device=device)[:, None]",
+            ),
+        ),
+    ),
+    Bug(
+        "decode-drops-softcap",
+        "the fused decode fast path taken with a softcap (softcap ignored)",
+        "ka_hf/ops/parallel.py",
+        (("if softcap is None and query.shape[1] == key.shape[1]:", "if query.shape[1] == key.shape[1]:"),),
+    ),
+    Bug(
+        "hybrid-prefill-ignored",
+        'KACache(prefill="standard") prefills with KA anyway',
+        "ka_hf/integration.py",
+        (
+            (
+                'if cache.prefill == "standard" and past_outputs is None:',
+                'if False and cache.prefill == "standard" and past_outputs is None:',
+            ),
+        ),
+    ),
+    Bug(
+        "layer-subset-ignored",
+        "KACache(layers=...) runs KA on every layer",
+        "ka_hf/integration.py",
+        (('kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"', 'kind = "ka"'),),
+    ),
+    Bug(
+        "prefill-always-standard",
+        "a KACache prefill always runs standard attention (ka-hybrid by accident)",
+        "ka_hf/integration.py",
+        (('if cache.prefill == "standard" and past_outputs is None:', "if past_outputs is None:"),),
+    ),
+]
+
+
+def working_tree_files(root: Path) -> list[str]:
+    """Tracked files plus untracked files git does not ignore (uncommitted work is tested too)."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    return [name for name in out.split("\0") if name and (root / name).is_file()]
+
+
+def copy_tree(root: Path, destination: Path) -> None:
+    for name in working_tree_files(root):
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+
+
+def apply(bug: Bug, text: str) -> str | None:
+    """The patched text, or None when some find text does not occur exactly once."""
+    for find, replace in bug.patches:
+        if text.count(find) != 1:
+            return None
+        text = text.replace(find, replace)
+    return text
+
+
+FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+
+
+def run_tests(copy: Path, tests: list[str], workers: int, timeout: float) -> tuple[int | None, str]:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    if workers > 1:
+        command[4:4] = ["-n", str(workers)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    try:
+        result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return result.returncode, result.stdout + result.stderr
+
+
+def verdict(returncode: int | None, output: str) -> tuple[str, bool]:
+    """(text for the table, survived?)"""
+    if returncode is None:
+        return "caught? (tests timed out)", False
+    if returncode == 0:
+        return "SURVIVED", True
+    match = FAILED_LINE.search(output)
+    if match:
+        return f"{match.group(2)}", False
+    return f"caught (pytest exit {returncode}, no test named)", False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bugs", help="comma-separated bug names (default: all)")
+    parser.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help="test files or node ids to run")
+    parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (-n); 1 = no xdist")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unpatched copy")
+    parser.add_argument("--strict", action="store_true", help="exit 2 when a patch did not apply")
+    parser.add_argument("--list", action="store_true", help="list the bugs and exit")
+    args = parser.parse_args(argv)
+
+    bugs = BUGS
+    if args.bugs:
+        wanted = [name.strip() for name in args.bugs.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {bug.name for bug in BUGS})
+        if unknown:
+            parser.error(f"unknown bugs: {', '.join(unknown)}")
+        bugs = [bug for bug in BUGS if bug.name in wanted]
+    if args.list:
+        for bug in bugs:
+            print(f"{bug.name:26} {bug.path:24} {bug.what}")
+        return 0
+
+    rows, survived, not_applied = [], 0, 0
+    with tempfile.TemporaryDirectory(prefix="ka_hf-plant-") as scratch:
+        copy = Path(scratch) / "repo"
+        copy_tree(REPO_ROOT, copy)
+        where = subprocess.run(
+            [sys.executable, "-c", "import ka_hf; print(ka_hf.__file__)"], cwd=copy, capture_output=True, text=True
+        ).stdout.strip()
+        if not where.startswith(str(copy)):
+            print(f"the copy imports ka_hf from {where!r}, not from the copy: aborting", file=sys.stderr)
+            return 1
+        if not args.no_baseline:
+            start = time.time()
+            code, output = run_tests(copy, args.tests, args.workers, args.timeout)
+            if code != 0:
+                print(output[-3000:])
+                print(f"The unpatched tests fail (exit {code}): fix them before planting bugs.", file=sys.stderr)
+                return 1
+            print(f"baseline: tests pass on the unpatched copy ({time.time() - start:.0f} s)", flush=True)
+        for bug in bugs:
+            target = copy / bug.path
+            original = target.read_text() if target.exists() else None
+            patched = apply(bug, original) if original is not None else None
+            if patched is None:
+                rows.append((bug, "patch did not apply", 0.0))
+                not_applied += 1
+                print(f"{bug.name}: patch did not apply", flush=True)
+                continue
+            start = time.time()
+            try:
+                target.write_text(patched)
+                code, output = run_tests(copy, args.tests, args.workers, args.timeout)
+            finally:
+                target.write_text(original)
+            text, lived = verdict(code, output)
+            survived += lived
+            rows.append((bug, text, time.time() - start))
+            print(f"{bug.name}: {text} ({time.time() - start:.0f} s)", flush=True)
+
+    print()
+    print("| bug | file | caught by (first failing test) |")
+    print("|---|---|---|")
+    for bug, text, _ in rows:
+        print(f"| `{bug.name}`: {bug.what} | {bug.path} | {text} |")
+    print()
+    print(
+        f"{len(rows)} bugs: {len(rows) - survived - not_applied} caught, {survived} survived, "
+        f"{not_applied} did not apply"
+    )
+    if survived:
+        return 1
+    if not_applied and args.strict:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
