@@ -51,10 +51,11 @@ def ka_attention_blocked(
     if past_outputs is None or n_past == 0:
         past_outputs = value.new_zeros(*query.shape[:2], 0, value.shape[-1])
     block = max(n_new, 1) if block_size is None else block_size
+    fusable = softcap is None and query.device.type == "cpu" and key.shape[-1] == value.shape[-1]
     if fused is None:
-        fused = softcap is None and query.device.type == "cpu"
-    elif fused and (softcap is not None or query.device.type != "cpu"):
-        raise ValueError("the fused past kernel runs on CPU without softcapping only")
+        fused = fusable
+    elif fused and not fusable:
+        raise ValueError("the fused past kernel runs on CPU, without softcapping, with equal key and value sizes")
     outputs = _BlockedKA.apply(
         query.to(dtype), key.to(dtype), value.to(dtype), past_outputs.to(dtype), allowed, scale, softcap, block, fused
     )
