@@ -1,5 +1,7 @@
 """KA through real transformers models: exactness against the token loop, generate(), padding, guards."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -301,8 +303,11 @@ def test_readme_quickstart_runs(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     readme = (REPO_ROOT / "README.md").read_text()
     snippet = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "past_key_values=" not in snippet  # the spelling that warns at every call
     namespace = {"path": str(tmp_path)}
-    exec(snippet, namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the quickstart prints no warning
+        exec(snippet, namespace)
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     assert (namespace["logits"] - namespace["logits_std"]).abs().max() > 0
 
