@@ -228,12 +228,15 @@ def test_cache_reused_with_another_model_or_batch():
     cache = KACache()
     input_ids = random_ids()
     with torch.no_grad():
-        tiny_model("gpt2")(input_ids, past_key_values=cache, use_cache=True)
+        first = tiny_model("gpt2")
+        first(input_ids, cache=cache, use_cache=True)
         other = tiny_model("gpt2", num_layers=2)
         with pytest.raises(KAError, match="another model"):
-            other(input_ids, past_key_values=cache, use_cache=True)
+            other(input_ids, cache=cache, use_cache=True)
+        with pytest.raises(KAError, match="another model object"):  # same shape, another model: refused too
+            tiny_model("gpt2")(input_ids, cache=cache, use_cache=True)
         with pytest.raises(KAError, match="batch"):
-            tiny_model("gpt2")(random_ids(batch=3), past_key_values=cache, use_cache=True)
+            first(random_ids(batch=3), cache=cache, use_cache=True)
 
 
 def test_unsupported_architecture_is_refused():
