@@ -21,7 +21,7 @@ from ka_hf.adapters import KAAdapter, save_adapter
 from ka_hf.config import provenance
 from ka_hf.study import files, report
 from ka_hf.study.cli import user_errors_exit_2
-from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares
+from ka_hf.study.fit_adapters import check_fittable, compare_ppl, distill_adapter, fit_adapter_least_squares
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.records import AdapterFitRecord
 from ka_hf.study.training import TrainConfig, load_data_texts, make_blocks
@@ -79,6 +79,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    check_fittable(model)  # before any data or fitting: an unsupported or KA-trained model is refused at once
     config = data_config(args, model)
     train_blocks, val_blocks = make_blocks(config, tokenizer, *load_data_texts(config)[:2])
     batches = list(train_blocks.split(args.batch_size))

@@ -115,6 +115,7 @@ def main(argv=None):
         from ka_hf.adapters import load_adapter
 
         adapter = load_adapter(args.adapter, device=args.device, dtype=model.dtype)
+        adapter.check_model(model)  # an adapter fit for another model is refused before any scoring
     results = reversal_metrics(
         model,
         tokenizer,

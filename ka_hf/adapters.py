@@ -46,6 +46,104 @@ def attention_shape(config) -> dict:
     )
 
 
+_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def base_record(config) -> dict:
+    """What an adapter records about the model it is made for: model_type, name, shape, whether the model runs KA
+    (a KA-trained model) and a fingerprint of its architecture (a hash of its defining sizes)."""
+    import hashlib
+
+    from .config import KAConfig
+
+    shape = attention_shape(config)
+    ka = KAConfig.from_model_config(config)
+    defining = {key: getattr(config, key, None) for key in _FINGERPRINT_KEYS} | shape
+    fingerprint = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return dict(
+        model_type=config.model_type,
+        name_or_path=getattr(config, "_name_or_path", ""),
+        **shape,
+        ka_model=bool(ka is not None and ka.is_ka),
+        fingerprint=fingerprint,
+    )
+
+
+def check_base(base: dict, config, where) -> None:
+    """KAError unless the adapter's recorded base model (`base`, from adapter_config.json) agrees with `config`:
+    shape, model_type, KA-trained or not, architecture fingerprint. Keys an older adapter lacks are not checked."""
+    model = base_record(config)
+    for key, what in (
+        ("num_layers", "layers"),
+        ("num_heads", "query heads"),
+        ("head_dim", "head size"),
+        ("model_type", "model_type"),
+        ("ka_model", "KA-trained (config.ka)"),
+        ("fingerprint", "architecture fingerprint"),
+    ):
+        if key in (base or {}) and base[key] != model[key]:
+            raise KAError(
+                f"the adapter in {where} was fit for a different model ({what}: adapter {base[key]!r}, model "
+                f"{model[key]!r}; it was fit for {base.get('name_or_path') or 'an unnamed model'!r}): "
+                "fit an adapter for this model with examples/fit_adapter.py"
+            )
+
+
+def read_adapter_config(directory) -> dict:
+    """adapter_config.json of a save_adapter directory, checked (files present, JSON, format, sizes), or KAError
+    naming the file."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise KAError(
+            f"{directory} holds no ka_hf adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "make one with examples/fit_adapter.py"
+        )
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise KAError(
+            f"{path} is not valid JSON ({error}): make the adapter again with examples/fit_adapter.py"
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise KAError(f"{path} is not a ka_hf adapter config (format {found!r})")
+    for key in ("num_layers", "num_heads", "head_dim", "mlp_hidden"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "mlp_hidden" else 1):
+            raise KAError(f"{path}: {key} must be a positive int, got {value!r}")
+    if not isinstance(config.get("base_model") or {}, dict):
+        raise KAError(f"{path}: base_model must be an object")
+    return config
+
+
+def read_adapter_weights(directory, config: dict) -> dict:
+    """adapter.safetensors' tensors, checked against `config`'s names and shapes, or KAError naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError (not a subclass of anything useful)
+        raise KAError(f"{path} is not a readable safetensors file ({error})") from None
+    expected = {
+        name: tuple(tensor.shape)
+        for name, tensor in KAAdapter(
+            config["num_layers"], config["num_heads"], config["head_dim"], config["mlp_hidden"]
+        )
+        .state_dict()
+        .items()
+    }
+    found = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or [name for name in expected if found[name] != expected[name]]
+        raise KAError(
+            f"{path} does not match {Path(directory) / CONFIG_NAME} (tensors {wrong[:3]}: expected shapes "
+            f"{[expected.get(name) for name in wrong[:3]]}, found {[found.get(name) for name in wrong[:3]]})"
+        )
+    return tensors
+
+
 class ResidualMLP(nn.Module):
     """W2 gelu(W1 LayerNorm(a)), W2 zero at init: the original project's kind of adapter, as a correction."""
 
@@ -79,11 +177,8 @@ class KAAdapter(nn.Module):
     @classmethod
     def for_model(cls, model, mlp_hidden: int = 0) -> "KAAdapter":
         """An identity adapter shaped for `model`."""
-        shape = attention_shape(model.config)
-        base = dict(
-            model_type=model.config.model_type, name_or_path=getattr(model.config, "_name_or_path", ""), **shape
-        )
-        adapter = cls(shape["num_layers"], shape["num_heads"], shape["head_dim"], mlp_hidden, base)
+        base = base_record(model.config)
+        adapter = cls(base["num_layers"], base["num_heads"], base["head_dim"], mlp_hidden, base)
         return adapter.to(next(model.parameters()).device)
 
     @property
@@ -91,7 +186,9 @@ class KAAdapter(nn.Module):
         return "affine+mlp" if self.mlp is not None else "affine"
 
     def check_model(self, model) -> None:
-        """KAError unless the model's layers, heads and head size are the ones this adapter was made for."""
+        """KAError unless the model is the kind this adapter was made for: its layers, heads and head size, and,
+        when recorded, its model_type, KA-trained or not, and architecture fingerprint."""
+        check_base(self.base, model.config, "this KAAdapter")
         shape = attention_shape(model.config)
         mine = dict(num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim)
         if any(shape[key] != value for key, value in mine.items()):
@@ -144,21 +241,14 @@ def save_adapter(adapter: KAAdapter, directory) -> Path:
 
 
 def load_adapter(directory, device=None, dtype=None) -> KAAdapter:
-    """The adapter saved in `directory` (by `save_adapter`), in eval mode."""
-    from safetensors.torch import load_file
-
+    """The adapter saved in `directory` (by `save_adapter`), in eval mode; KAError naming the file when a file is
+    missing, corrupt or does not match the other."""
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-        raise KAError(
-            f"{directory} holds no ka_hf adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME}); "
-            "make one with examples/fit_adapter.py"
-        )
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("format") != FORMAT:
-        raise KAError(f"{directory / CONFIG_NAME} is not a ka_hf adapter config (format {config.get('format')!r})")
+    config = read_adapter_config(directory)
+    tensors = read_adapter_weights(directory, config)
     adapter = KAAdapter(
         config["num_layers"], config["num_heads"], config["head_dim"], config["mlp_hidden"], config.get("base_model")
     )
     adapter.fit_record = config.get("fit", {})
-    adapter.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    adapter.load_state_dict(tensors)
     return adapter.to(device=device, dtype=dtype).eval()

@@ -286,10 +286,19 @@ class KACache(Cache):
         return self.ka_layers is None or layer_idx in self.ka_layers
 
     def bind(self, config) -> None:
-        """Tie the cache to the first model that uses it; refuse any other model afterwards."""
+        """Tie the cache to the first model that uses it; refuse any other model afterwards — another shape always,
+        and another model object (its own config object: another checkpoint, even of the same shape) while the
+        cache holds states. An empty cache may be bound again."""
         if config is self._bound_config:  # every layer of every step asks: answer the common case at once
             return
         signature = ModelSignature.of(config)
+        if self.signature is not None and signature == self.signature:
+            if self.get_seq_length() > 0:
+                raise KAError(
+                    "This KACache holds the states of another model object (same shape, but another model or "
+                    "checkpoint); it cannot be reused with this one. Create a new KACache() for each model."
+                )
+            self.signature = None  # empty: bind again to this model
         if self.signature is None:
             bad = sorted(i for i in (self.ka_layers or ()) if not 0 <= i < signature.num_layers)
             if bad:

@@ -1,5 +1,7 @@
 """KA through real transformers models: exactness against the token loop, generate(), padding, guards."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -226,12 +228,15 @@ def test_cache_reused_with_another_model_or_batch():
     cache = KACache()
     input_ids = random_ids()
     with torch.no_grad():
-        tiny_model("gpt2")(input_ids, past_key_values=cache, use_cache=True)
+        first = tiny_model("gpt2")
+        first(input_ids, cache=cache, use_cache=True)
         other = tiny_model("gpt2", num_layers=2)
         with pytest.raises(KAError, match="another model"):
-            other(input_ids, past_key_values=cache, use_cache=True)
+            other(input_ids, cache=cache, use_cache=True)
+        with pytest.raises(KAError, match="another model object"):  # same shape, another model: refused too
+            tiny_model("gpt2")(input_ids, cache=cache, use_cache=True)
         with pytest.raises(KAError, match="batch"):
-            tiny_model("gpt2")(random_ids(batch=3), past_key_values=cache, use_cache=True)
+            first(random_ids(batch=3), cache=cache, use_cache=True)
 
 
 def test_unsupported_architecture_is_refused():
@@ -301,8 +306,11 @@ def test_readme_quickstart_runs(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     readme = (REPO_ROOT / "README.md").read_text()
     snippet = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "past_key_values=" not in snippet  # the spelling that warns at every call
     namespace = {"path": str(tmp_path)}
-    exec(snippet, namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the quickstart prints no warning
+        exec(snippet, namespace)
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     assert (namespace["logits"] - namespace["logits_std"]).abs().max() > 0
 

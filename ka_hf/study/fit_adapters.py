@@ -35,7 +35,16 @@ def _batches(batches):
             yield batch, None
 
 
-def _check_standard_model(model) -> None:
+def check_fittable(model) -> None:
+    """KAError unless an adapter can be fit for `model`: a supported architecture, trained with standard attention."""
+    from ka_hf.route import SUPPORTED_ARCHITECTURES
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise KAError(
+            f"ka_hf does not support model_type {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)}): "
+            "there is no KA cache to fit an adapter for"
+        )
     if ka_spec(model.config) is not None:
         raise KAError(
             "this model runs KA attention already (config.ka); adapters map a standard-trained model's "
@@ -68,7 +77,7 @@ def fit_adapter_least_squares(
     """
     if target not in ("attention", "values"):
         raise KAError(f"target={target!r}: use 'attention' or 'values'")
-    _check_standard_model(model)
+    check_fittable(model)
     adapter = adapter if adapter is not None else KAAdapter.for_model(model)
     adapter.check_model(model)
     shape = attention_shape(model.config)
@@ -148,7 +157,7 @@ def distill_adapter(
     batches: a list of token-id tensors [B, T] (or dicts with input_ids/attention_mask), cycled through.
     Gradients flow through the exact KA recursion of the KACache. Returns the history [{step, kl, seconds}].
     """
-    _check_standard_model(model)
+    check_fittable(model)
     adapter.check_model(model)
     batches = list(_batches(batches))
     if not batches or steps < 1:

@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 
 from ka_hf.adapters import CONFIG_NAME as ADAPTER_CONFIG
-from ka_hf.adapters import FORMAT as ADAPTER_FORMAT
 from ka_hf.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
-from ka_hf.adapters import attention_shape, load_adapter
+from ka_hf.adapters import attention_shape, check_base, load_adapter, read_adapter_config, read_adapter_weights
 from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
@@ -111,16 +110,11 @@ def check_model_dir(model_dir) -> Path:
 
 
 def check_adapter_dir(adapter_dir, model_config) -> dict:
-    """The adapter config of a save_adapter directory made for this model's shape, or KAError."""
+    """The adapter config of a save_adapter directory (both files readable and matching) made for this model
+    (shape, model_type, KA-trained or not, architecture), or KAError."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise KAError(
-            f"{adapter_dir} holds no ka_hf adapter (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): "
-            "give the --out directory of examples/fit_adapter.py"
-        )
-    config = _read_json(adapter_dir / ADAPTER_CONFIG)
-    if config.get("format") != ADAPTER_FORMAT:
-        raise KAError(f"{adapter_dir / ADAPTER_CONFIG} is not a ka_hf adapter config")
+    config = read_adapter_config(adapter_dir)
+    read_adapter_weights(adapter_dir, config)
     shape = attention_shape(model_config)
     mine = {key: config.get(key) for key in ("num_layers", "num_heads", "head_dim")}
     if any(shape[key] != value for key, value in mine.items()):
@@ -128,6 +122,7 @@ def check_adapter_dir(adapter_dir, model_config) -> dict:
             f"the adapter in {adapter_dir} was made for {mine}, the model has "
             f"{ {key: shape[key] for key in mine} }: publish it with the model it was fitted for"
         )
+    check_base(config.get("base_model") or {}, model_config, adapter_dir)
     return config
 
 

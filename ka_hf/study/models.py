@@ -34,6 +34,10 @@ def model_config(
     """A from-scratch config of family `arch` (dropout off: exactness tests and short trainings want it off)."""
     intermediate_size = intermediate_size or 4 * hidden_size
     num_kv_heads = num_kv_heads or num_heads
+    if num_heads < 1 or hidden_size % num_heads:
+        raise KAError(f"--hidden-size {hidden_size} is not a multiple of --num-heads {num_heads}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise KAError(f"--num-heads {num_heads} is not a multiple of --num-kv-heads {num_kv_heads}")
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "gpt2":
         from transformers import GPT2Config
@@ -94,11 +98,23 @@ def model_config(
     raise KAError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
+def looks_local(path_or_id: str) -> bool:
+    """A name that can only be a local path: starts with `.`, `/` or `~`, has more than one `/` (a Hub id has
+    one), has the OS separator, or whose first part exists here (`runs/typo` when `runs/` exists)."""
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    return "/" in name and os.path.exists(name.split("/", 1)[0])
+
+
+def check_local_path(path_or_id, what: str = "model path") -> None:
+    """A local-looking name that does not exist is a typo, not a Hub id: say so at once, without the network."""
+    if looks_local(path_or_id) and not os.path.exists(os.path.expanduser(str(path_or_id))):
+        raise KAError(f"{what} {str(path_or_id)!r} does not exist (no such local directory)")
+
+
 def _check_exists(path_or_id: str) -> None:
-    """A path-like name that is not a directory is a typo, not a Hub id: say so instead of a Hub error."""
-    looks_local = path_or_id.startswith((".", "/", "~")) or os.sep in path_or_id.strip("/").split("/", 1)[-1]
-    if looks_local and not os.path.isdir(os.path.expanduser(path_or_id)):
-        raise KAError(f"model path {path_or_id!r} does not exist")
+    check_local_path(path_or_id)
 
 
 def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device=None, attn_implementation="sdpa"):

@@ -130,6 +130,16 @@ def check_config(config: TrainConfig) -> None:
             raise KAError(f"{name}={getattr(config, name)!r} is not known: use one of {', '.join(allowed)}")
     if config.model is None and config.model_config is None and config.arch not in ARCHITECTURES:
         raise KAError(f"arch={config.arch!r} is not known: use one of {', '.join(ARCHITECTURES)}")
+    if config.model is None and config.model_config is None:  # the shape is checked now, not mid-run
+        model_config(
+            config.arch,
+            max(config.vocab_size, 1),
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            intermediate_size=config.intermediate_size,
+        )
     if config.variant != "ka" and config.attention != "ka":
         raise KAError("a KA variant only applies to KA training: add attention='ka' (--attention ka)")
     if config.dataset is not None and config.text_file is not None:

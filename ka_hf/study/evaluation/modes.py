@@ -112,7 +112,14 @@ def check_adapter_given(modes, adapter) -> None:
 
 
 def parse_modes(text: str, num_layers: int | None = None) -> list[Mode]:
-    """Parse a comma-separated mode list (duplicates dropped, order kept); check layer indices if num_layers."""
+    """Parse a comma-separated mode list, or a list of modes (duplicates dropped, order kept); check layer indices
+    if num_layers."""
+    if isinstance(text, (list, tuple)):
+        if not all(isinstance(piece, str) for piece in text):
+            raise KAError(f"modes {text!r}: give mode names (strings), e.g. ['kv', 'ka'] or 'kv,ka'")
+        text = ",".join(text)
+    elif not isinstance(text, str):
+        raise KAError(f"modes {text!r}: give a comma-separated string or a list of modes ({MODES_HELP})")
     modes = []
     for piece in _split_mode_list(text):
         mode = parse_mode(piece, num_layers)

@@ -22,7 +22,7 @@ Args:
     predictions (list of str): the texts to score.
     model_id (str or PreTrainedModel): a local model directory, a Hub id, or a loaded model.
     tokenizer (str or tokenizer, optional): default: the model directory's tokenizer.
-    modes (str): comma-separated modes: kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2), ka+adapter. Default "kv,ka".
+    modes (str or list of str): comma-separated modes (or a list of them): kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2), ka+adapter. Default "kv,ka".
     max_length (int): tokens per window. Default 128.
     stride (int): a window starts every `stride` tokens. Default 128.
     method (str): "parallel" (one forward per window) or "token" (token by token through the cache).
@@ -75,6 +75,7 @@ class KaPerplexity(evaluate.Metric):
         from ka_hf.study.evaluation import parse_modes, score_modes
         from ka_hf.study.models import load_model, load_tokenizer
 
+        parse_modes(modes)  # a bad mode list is refused before any model is loaded
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model_id, str):
             model = load_model(model_id, device=device)
