@@ -222,7 +222,7 @@ class KACache(Cache):
 
     """A cache of keys and attention outputs (K, A) for exact KA inference with any supported HF model.
 
-        model.generate(**inputs, past_key_values=KACache())
+        model.generate(**inputs, cache=KACache())    # past_key_values= also works (transformers warns)
 
     Args:
         prefill: "ka" (default) computes the prompt with exact KA (parallel solve); "standard" computes it with

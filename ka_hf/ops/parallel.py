@@ -111,11 +111,28 @@ def standard_attention(
     scale: float = 1.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Ordinary softmax attention over values (B, H_kv, T, d_v), written with the same weights as KA so that the
-    ka-hybrid prefill's cached outputs are exactly what standard attention computes. Returns (B, H_q, n, d_v)."""
-    if allowed is None:
-        allowed = causal_allowed(query.shape[-2], key.shape[-2], query.device)
-    return _attend(query, key, expand_kv_heads(value, query.shape[1]), allowed, scale, softcap)
+    """Ordinary softmax attention over values (B, H_kv, T, d_v): the ka-hybrid prefill (whose outputs are cached
+    as A) and a KVWindowCache. One fused SDPA call, so a long prompt needs no (n x T) weights; with softcapping the
+    explicit form. A fully masked (left-pad) row gives 0. Returns (B, H_q, n, d_v)."""
+    n_new, n_total = query.shape[-2], key.shape[-2]
+    if allowed is None and n_new != n_total:  # None = causal, lower-right aligned: SDPA's is_causal is top-left
+        allowed = causal_allowed(n_new, n_total, query.device)
+    values = expand_kv_heads(value, query.shape[1])
+    if softcap is not None:
+        return _attend(query, key, values, allowed, scale, softcap)
+    out_dtype = values.dtype
+    dtype = compute_dtype(out_dtype)
+    outputs = torch.nn.functional.scaled_dot_product_attention(
+        query.to(dtype),
+        expand_kv_heads(key, query.shape[1]).to(dtype),
+        values.to(dtype),
+        attn_mask=allowed,
+        is_causal=allowed is None,
+        scale=scale,
+    )
+    if allowed is not None:  # rows with nothing allowed: 0, whatever the backend makes of them
+        outputs = outputs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return outputs.to(out_dtype)
 
 
 def ka_decode_step(
