@@ -144,28 +144,24 @@ def test_ka_loss_and_gradients_equal_the_token_loop(kernel):
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
-def test_plan2_outputs_equal_the_first_value(tmp_path, text_file, monkeypatch):
+def test_plan2_outputs_equal_the_first_value(tmp_path, text_file):
     result = train(tiny_config(tmp_path, text_file, attention="ka", variant="plan2", epochs=1))
     model = load_model(str(result.best_dir))
     assert model.config.ka["variant"] == "plan2"
     assert math.isfinite(result.best_val_ppl)
 
-    recorded = []
-    parallel = ka_hf.integration.ka_attention
-
-    def recording(q, k, v, **options):
-        outputs = parallel(q, k, v, **options)
-        recorded.append((v, outputs, options["variant"]))
-        return outputs
-
-    monkeypatch.setattr(ka_hf.integration, "ka_attention", recording)
+    ids = torch.randint(0, 400, (2, 24))
     with torch.no_grad():
-        model(torch.randint(0, 400, (2, 24)), use_cache=False)
-    assert len(recorded) == model.config.num_hidden_layers
-    for values, outputs, variant in recorded:
-        assert variant == "plan2"
-        first_value = values[:, :, :1, :].expand_as(outputs)  # no GQA here: kv head = query head
-        torch.testing.assert_close(outputs, first_value, rtol=1e-5, atol=1e-6)
+        generated = model.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        uncached = model(ids, use_cache=False).logits
+        cached = model(ids, cache=ka_hf.KACache(variant="plan2"), use_cache=True).logits
+    cache = generated.past_key_values  # the KACache generate() made from config.ka
+    assert isinstance(cache, ka_hf.KACache) and cache.variant == "plan2"
+    assert len(cache.layers) == model.config.num_hidden_layers
+    for layer in cache.layers:
+        outputs = layer.values  # every token's cached output A: plan 2 makes each the first token's value
+        torch.testing.assert_close(outputs, outputs[..., :1, :].expand_as(outputs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(uncached, cached)  # the cache-less forward runs plan 2 as the config says
 
 
 # ---------------------------------------------------------------------------------------------------------
