@@ -50,6 +50,19 @@ def _append(current: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | Non
     return buffer[..., : length + n_new, :], buffer
 
 
+def _keep_rows(tensor: torch.Tensor, buffer: torch.Tensor | None, head: int, tail: int) -> torch.Tensor:
+    """The first `head` and the last `tail` rows of `tensor`. When `tensor` is the prefix view of a growing buffer
+    not much larger than what is kept (a decode step), the tail is moved down in place, so the next append writes
+    one row instead of reallocating; otherwise (after a long prompt) the kept rows get a compact tensor of their own
+    and the large one is freed."""
+    n_rows = tensor.shape[-2]
+    in_place = buffer is not None and buffer.shape[-2] <= 2 * (head + tail)
+    if in_place and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride():
+        buffer[..., head : head + tail, :] = tensor[..., n_rows - tail :, :].clone()  # clone: the ranges overlap
+        return buffer[..., : head + tail, :]
+    return torch.cat([tensor[..., :head, :], tensor[..., n_rows - tail :, :]], dim=-2)
+
+
 class KALayer(DynamicLayer):
     """One KA layer: `keys` (B, H_kv, T, d) and `values` = attention outputs A (B, H_q, T, d_v).
 
@@ -158,12 +171,9 @@ class KAWindowLayer(KALayer):
         tail = self.window - 1
         if n_rows <= n_sinks + tail:
             return
-        device = self.positions.device
-        rows = torch.cat([torch.arange(n_sinks, device=device), torch.arange(n_rows - tail, n_rows, device=device)])
-        self.keys = self.keys.index_select(-2, rows)
-        self.values = self.values.index_select(-2, rows)
-        self.positions = self.positions[rows]
-        self._key_buffer = self._value_buffer = None
+        self.keys = _keep_rows(self.keys, self._key_buffer, n_sinks, tail)
+        self.values = _keep_rows(self.values, self._value_buffer, n_sinks, tail)
+        self.positions = torch.cat([self.positions[:n_sinks], self.positions[n_rows - tail :]])
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

@@ -50,6 +50,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# train.py flags for the smallest run that trains something (tests of the script's behaviour, not of learning).
+TINY_TRAIN_FLAGS = [
+    "--epochs", "1", "--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--intermediate-size", "64",
+    "--vocab-size", "300", "--seq-len", "16", "--no-progress",
+]  # fmt: skip
+
+
 def load_script(name: str):
     """Import examples/<name>.py as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")

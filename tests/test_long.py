@@ -236,3 +236,24 @@ def test_kv_window_cache_equals_standard_attention_under_the_window_mask(arch_na
     assert cache_nbytes(cache) < cache_nbytes(ka_cache)  # GQA: V per kv head, A per query head
     with pytest.raises(KAError, match="window"):
         ka_hf.KVWindowCache(window=None)
+
+
+def test_long_window_decoding_shifts_rows_in_place_and_stays_exact():
+    """A window of 40 (+2 sinks) over 100 decode steps: once full, each step moves the kept rows down inside the
+    same allocation (no new buffer per step) and the logits still equal the uncached windowed reference."""
+    model = tiny_model("llama-gqa", max_positions=160)
+    prompt = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    cache = KACache(window=40, sink=2)
+    pointers = []
+    with torch.no_grad():
+        logits = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+        ids = prompt
+        for _ in range(100):
+            ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], dim=-1)
+            logits.append(model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1])
+            pointers.append(cache.layers[0].values.data_ptr())
+    assert cache.layers[0].values.shape[-2] == 2 + 39
+    assert len(set(pointers[60:])) == 1  # the window is full: rows shift inside one allocation
+    mask = window_attention_mask(torch.ones_like(ids), window=40, sink=2, dtype=torch.float64)
+    reference = uncached_ka_logits(model, ids, mask)[:, prompt.shape[1] - 1 :]
+    assert (torch.stack(logits, dim=1) - reference).abs().max() < 1e-10

@@ -13,27 +13,9 @@ from ka_hf.study import experiment, files, training
 from ka_hf.study.data import default_corpus, train_tokenizer
 from ka_hf.study.models import model_config
 
-from conftest import load_script
+from conftest import TINY_TRAIN_FLAGS, load_script
 
-TRAIN_FLAGS = [
-    "--samples",
-    "8",
-    "--epochs",
-    "1",
-    "--num-layers",
-    "1",
-    "--hidden-size",
-    "32",
-    "--num-heads",
-    "2",
-    "--intermediate-size",
-    "64",
-    "--vocab-size",
-    "300",
-    "--seq-len",
-    "16",
-    "--no-progress",
-]
+TRAIN_FLAGS = ["--samples", "8", *TINY_TRAIN_FLAGS]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from ka_hf.study.evaluation.ppl import perplexity
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.training import TrainConfig, load_data_texts, load_train_config, make_blocks, train
 
-from conftest import REPO_ROOT, VOCAB, tiny_model
+from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, VOCAB, tiny_model
 
 TINY = dict(
     num_layers=2,
@@ -201,23 +201,9 @@ def test_train_script_end_to_end(tmp_path, text_file, capsys):
         str(tmp_path / "run"),
         "--samples",
         "16",
-        "--epochs",
-        "1",
-        "--num-layers",
-        "1",
-        "--hidden-size",
-        "32",
-        "--num-heads",
-        "2",
-        "--intermediate-size",
-        "64",
-        "--vocab-size",
-        "300",
-        "--seq-len",
-        "16",
         "--attention",
         "ka",
-        "--no-progress",
+        *TINY_TRAIN_FLAGS,
     ]
     script.main(args)
     out = capsys.readouterr().out
