@@ -49,7 +49,7 @@ def test_every_report_file_is_written(study):
     for adapter in ("least-squares", "distilled"):
         assert (out / "adapters" / adapter / "adapter_config.json").is_file()
     saved = json.loads((out / "results.json").read_text())
-    assert saved["findings"]["kv_ppl"] == pytest.approx(record["findings"]["kv_ppl"])
+    assert saved["findings"]["summary"]["kv_ppl"]["mean"] == pytest.approx(record["findings"]["per_seed"][0]["kv_ppl"])
 
 
 def test_report_tables_are_filled_from_this_run(study):
@@ -71,7 +71,7 @@ def test_report_tables_are_filled_from_this_run(study):
     assert set(standard) == {"kv", "ka", "ka-hybrid", "ka+adapter(least-squares)", "ka+adapter(distilled)"}
     assert f"{standard['ka']['ppl']:.1f}" in text and f"{standard['kv']['ppl']:.1f}" in text
     degradation = (standard["ka"]["ppl"] / standard["kv"]["ppl"] - 1) * 100
-    assert record["findings"]["ka_cache_degradation_pct"] == pytest.approx(degradation)
+    assert record["findings"]["per_seed"][0]["ka_cache_degradation_pct"] == pytest.approx(degradation)
     assert len(record["layer_sweep"]) == 2 and record["layer_sweep"][-1]["ppl"] == pytest.approx(standard["ka"]["ppl"])
     assert all(len(record["training"][a]["epochs"]) >= 1 for a in ("standard", "ka"))
     assert set(record["reversal"]["standard"]) >= {"kv", "ka"}
@@ -142,6 +142,7 @@ def test_an_interrupted_study_resumes(study, tmp_path, capsys):
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "train-ka" / "last")
     (copy / "report.md").unlink()
+    (copy / experiment.SEED_RESULTS).unlink()  # written when a seed finishes: a crash mid-seed leaves none
     tokenizer_before = (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
     standard_before = (copy / "train-standard" / "best" / "model.safetensors").read_bytes()
 
@@ -151,6 +152,113 @@ def test_an_interrupted_study_resumes(study, tmp_path, capsys):
     assert (copy / "report.md").is_file() and (copy / "train-ka" / "last").is_dir()
     assert (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer_before
     assert (copy / "train-standard" / "best" / "model.safetensors").read_bytes() == standard_before
-    assert resumed["findings"]["kv_ppl"] == pytest.approx(record["findings"]["kv_ppl"])
+    kv_ppl = record["findings"]["per_seed"][0]["kv_ppl"]
+    assert resumed["findings"]["per_seed"][0]["kv_ppl"] == pytest.approx(kv_ppl)
     assert resumed["training"]["ka"]["best_val_ppl"] == pytest.approx(record["training"]["ka"]["best_val_ppl"])
     assert experiment.STUDY_CONFIG in {path.name for path in copy.iterdir()}
+
+
+def test_every_count_in_the_report_comes_from_the_run(study):
+    """The configuration table's counts are the run's own (blocks actually trained on, windows, tokens, facts),
+    not the settings asked for."""
+    out, record = study
+    text = (out / "report.md").read_text()
+    trained = record["training"]["standard"]["train_blocks"]
+    saved = json.loads((out / "train-standard" / "results.json").read_text())
+    assert trained == saved["data"]["train_blocks"] and trained > 0
+    assert f"{trained:,} blocks of {TINY['seq_len']} tokens" in text
+    windows = record["windows"]
+    assert f"{windows['count']} windows of {windows['max_length']} tokens" in text
+    assert f"{windows['scored_tokens']:,} scored tokens" in text
+    data = record["data"]
+    assert f"{data['train_texts']:,} training texts + {data['fact_texts']:,} fact sentences" in text
+    assert f"{record['model']['parameters'] / 1e6:.2f}M parameters" in text
+    assert f"{data['unseen_facts']} unseen facts" in text
+
+
+def test_the_report_shows_the_unseen_facts_control_beside_the_reversal_metrics(study):
+    out, record = study
+    text = (out / "report.md").read_text()
+    section = text[text.index("## Reversal curse") :]
+    assert "Trained facts beside the unseen-facts control" in section
+    assert "**unseen facts, test templates**" in section and "**trained facts, test templates**" in section
+    control = record["findings"]["per_seed"][0]["reversal_control"]["standard"]
+    assert f"{control['unseen']['backward_answer_ppl']:.2f}" in section
+    assert record["findings"]["verdicts"]["reversal_standard"]["text"] in section
+    unseen = record["reversal_unseen"]["standard"]["kv"]["splits"]["test"]["forward"]
+    assert unseen["sentences"] > 0 and unseen["exact_match"] is None  # scored, not generated
+
+
+def test_every_verdict_is_in_the_report_with_its_numbers(study):
+    out, record = study
+    text = (out / "report.md").read_text()
+    for name, verdict in record["findings"]["verdicts"].items():
+        assert verdict["text"] in text, name
+    assert "one seed: no spread measured" in text
+
+
+def test_several_seeds_give_mean_and_spread(tmp_path):
+    out = tmp_path / "seeds"
+    record = run_experiment(
+        ExperimentConfig.from_preset("quick", str(out), **(TINY | dict(epochs=1, samples=16, seeds=2)))
+    )
+    assert [seed["seed"] for seed in record["seeds"]] == [0, 1]
+    for seed in (0, 1):
+        assert (out / f"seed-{seed}" / "train-ka" / "best" / "model.safetensors").is_file()
+    kv = [seed["findings"]["kv_ppl"] for seed in record["seeds"]]
+    assert kv[0] != kv[1]  # different initializations
+    assert record["findings"]["summary"]["kv_ppl"]["values"] == kv
+    text = (out / "report.md").read_text()
+    assert "mean ± std over 2 seeds" in text and " ± " in text
+    assert "--seeds 2" in record["command"]
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["seeds"]) == 2
+
+    # a finished seed is kept by --resume: nothing is trained again
+    before = (out / "seed-1" / "train-ka" / "best" / "model.safetensors").stat().st_mtime_ns
+    config = ExperimentConfig.from_preset("quick", str(out), **(TINY | dict(epochs=1, samples=16, seeds=2)))
+    resumed = run_experiment(config, resume=True)
+    assert (out / "seed-1" / "train-ka" / "best" / "model.safetensors").stat().st_mtime_ns == before
+    assert resumed["findings"]["summary"]["kv_ppl"]["values"] == kv
+
+
+def test_the_seed_preset_runs_every_stage_in_smoke_mode(tmp_path):
+    """--preset seed --smoke: the original protocol's model (Pythia-70M shape), every stage, a few steps."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ka_hf.experiment",
+            "--preset",
+            "seed",
+            "--smoke",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "seed"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "seed" / "results.json").read_text())
+    assert record["config"]["preset"] == "seed" and record["config"]["smoke"]
+    assert record["model"]["num_layers"] == PRESETS["seed"]["num_layers"]
+    assert record["model"]["hidden_size"] == PRESETS["seed"]["hidden_size"]
+    text = (tmp_path / "seed" / "report.md").read_text()
+    assert "the Pile" in text and "--smoke" in text
+
+
+def test_the_medium_preset_reads_wikitext2():
+    from ka_hf.study.data import shared_data_dir
+
+    if not (shared_data_dir() / "wikitext-2-raw" / "train.txt").is_file():
+        pytest.skip("../shared/data/wikitext-2-raw is absent: the medium preset would use the Hub dataset")
+    config = ExperimentConfig.from_preset("medium", "x")
+    assert config.text_file.endswith("wikitext-2-raw/train.txt") and config.test_text_file.endswith("test.txt")
+    assert config.seq_len == 256
+
+
+def test_bad_seed_counts_are_refused():
+    with pytest.raises(KAError, match="--seeds"):
+        ExperimentConfig.from_preset("quick", "x", seeds=0)

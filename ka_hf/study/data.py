@@ -33,6 +33,7 @@ far smaller than WikiText (use `text_file=`/`dataset=` for real studies).
 import ast
 import functools
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -46,6 +47,14 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 
 # -----------------------------------------------------------------------------
 # loading text
+
+
+def shared_data_dir() -> Path:
+    """Where corpora beside a source checkout live: $KA_HF_DATA, else ../shared/data next to the repository
+    (may not exist: callers check the file they need and fall back to the Hub)."""
+    if os.environ.get("KA_HF_DATA"):
+        return Path(os.environ["KA_HF_DATA"])
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def load_texts(dataset=None, dataset_config=None, split="test", text_file=None, text_column="text"):

@@ -1,7 +1,9 @@
 """The whole KA study in one command: train, fit adapters, evaluate every model x mode, write the report.
 
     python -m ka_hf.experiment --preset quick --out runs/quick      # offline, 2-core CPU, under 10 minutes
+    python -m ka_hf.experiment --preset medium --seeds 3 --out runs/medium   # WikiText-2, ~1 h on a 2-core CPU
     python -m ka_hf.experiment --preset seed --out runs/seed        # the original protocol, for a GPU
+    python -m ka_hf.experiment --preset seed --smoke --out runs/seed-smoke   # every stage, a few steps (minutes)
     python -m ka_hf.experiment --preset quick --out runs/quick --resume      # continue an interrupted run
     python -m ka_hf.experiment --preset quick --out runs/quick --overwrite   # start again, replacing it
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ka_hf.adapters import save_adapter
 from ka_hf.config import PROVENANCE_KEY
@@ -44,6 +47,7 @@ from .data import (
     load_texts,
     load_train_val_texts,
     ppl_windows,
+    shared_data_dir,
     tokenize_texts,
     train_tokenizer,
 )
@@ -51,11 +55,12 @@ from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
 from .evaluation.ppl import add_degradation
 from .evaluation.reversal import reversal_metrics
 from .evaluation.run import position_gaps
-from .facts import make_facts, training_texts
+from .facts import make_facts, training_texts, unseen_facts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
+from .verdicts import summarize, verdicts
 
 
 @dataclass
@@ -82,9 +87,11 @@ class ExperimentConfig:
     lr: float = 2e-3
     batch_size: int = 16
     seed: int = 0
+    seeds: int = 1  # train and evaluate every model this many times, with seeds seed, seed+1, ...
     # data (neither text_file nor dataset: the offline default corpus)
     text_file: str | None = None
     val_text_file: str | None = None
+    test_text_file: str | None = None  # the evaluation windows' text (default: the validation text)
     dataset: str | None = None
     dataset_config: str | None = None
     text_column: str = "text"
@@ -92,6 +99,7 @@ class ExperimentConfig:
     facts: int = 100
     facts_seed: int = 0
     facts_include: str = "forward"
+    unseen_facts: int | None = None  # the control: facts never trained on, scored like the trained ones (None: facts)
     # evaluation: overlapping windows, so that ka-hybrid has a real prompt (the window's context half)
     eval_max_length: int = 64
     eval_stride: int = 32
@@ -103,15 +111,69 @@ class ExperimentConfig:
     distill_batch: int = 4
     progress: bool = True
     cpu: bool = False
+    smoke: bool = (
+        False  # every stage for a handful of steps and windows (SMOKE): proves a preset runs, measures nothing
+    )
 
     @classmethod
-    def from_preset(cls, preset: str, out: str, **overrides) -> "ExperimentConfig":
-        """The preset's values, then `overrides` (None values ignored)."""
+    def from_preset(cls, preset: str, out: str, smoke: bool = False, **overrides) -> "ExperimentConfig":
+        """The preset's values, then SMOKE's when smoke, then `overrides` (None values ignored)."""
         if preset not in PRESETS:
             raise KAError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(out=out, preset=preset, **values)
+        values = dict(PRESETS[preset])
+        if preset in PRESET_DATA:
+            values = PRESET_DATA[preset]() | values
+        if smoke:
+            values |= SMOKE
+        values |= {k: v for k, v in overrides.items() if v is not None}
+        config = cls(out=out, preset=preset, smoke=smoke, **values)
+        config.check()
+        return config
 
+    def check(self) -> None:
+        """Settings that cannot run, refused before anything is written."""
+        if self.seeds < 1:
+            raise KAError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.unseen_facts is not None and self.unseen_facts < 0:
+            raise KAError(f"unseen_facts must be >= 0, got {self.unseen_facts}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    @property
+    def n_unseen_facts(self) -> int:
+        return self.facts if self.unseen_facts is None else self.unseen_facts
+
+
+def _wikitext2() -> dict:
+    """WikiText-2 raw: the local copy in ../shared/data beside the repository when there is one (offline), else
+    the Hub dataset (needs network)."""
+    local = shared_data_dir() / "wikitext-2-raw"
+    if (local / "train.txt").is_file():
+        return dict(
+            text_file=str(local / "train.txt"),
+            val_text_file=str(local / "valid.txt"),
+            test_text_file=str(local / "test.txt"),
+        )
+    return dict(dataset="Salesforce/wikitext", dataset_config="wikitext-2-raw-v1")
+
+
+PRESET_DATA = {"medium": _wikitext2}  # where a preset's text comes from, resolved when the preset is chosen
+
+# Every stage, a handful of steps: samples and windows cut, one epoch, a few facts, a few adapter steps.
+SMOKE = dict(
+    samples=16,
+    val_samples=8,
+    epochs=1,
+    facts=8,
+    unseen_facts=8,
+    eval_max_windows=4,
+    adapter_fit_blocks=4,
+    distill_steps=2,
+    distill_batch=2,
+    reversal_split="test",
+)
 
 PRESETS = {
     "quick": {},  # the ExperimentConfig defaults
@@ -134,6 +196,31 @@ PRESETS = {
         adapter_fit_blocks=256,
         distill_steps=300,
         distill_batch=8,
+    ),
+    # About an hour on a 2-core CPU with --seeds 3: a 12M-parameter GPT-NeoX (Pythia's family and rotary) on
+    # WikiText-2 raw (train / valid / test), 256-token blocks, the protocol otherwise (early stopping, adapters,
+    # layer sweep, facts and their unseen control). Sized by measuring, see docs/results/medium/.
+    "medium": dict(
+        num_layers=6,
+        hidden_size=256,
+        num_heads=8,
+        intermediate_size=1024,
+        vocab_size=12288,
+        seq_len=256,
+        samples=1000,
+        val_samples=64,
+        epochs=2,
+        patience=1,
+        lr=1e-3,
+        batch_size=16,
+        facts=100,
+        eval_max_length=256,
+        eval_stride=128,
+        eval_max_windows=48,
+        reversal_split="test",
+        adapter_fit_blocks=32,
+        distill_steps=40,
+        distill_batch=4,
     ),
 }
 
@@ -167,6 +254,12 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
     data_dir = out / "data"
     files.write_text(data_dir / "train.txt", "\n".join(corpus) + "\n")
     files.write_text(data_dir / "validation.txt", "\n".join(_one_line(t) for t in val_texts) + "\n")
+    test_file = data_dir / "validation.txt"
+    if config.test_text_file:
+        test_texts = load_texts(text_file=config.test_text_file, text_column=config.text_column)
+        test_file = data_dir / "test.txt"
+        files.write_text(test_file, "\n".join(_one_line(t) for t in test_texts) + "\n")
+        source += f" (evaluation: {config.test_text_file})"
     return dict(
         source=source,
         train_texts=len(train_texts),
@@ -175,6 +268,7 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
         facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include),
         train_file=str(data_dir / "train.txt"),
         validation_file=str(data_dir / "validation.txt"),
+        evaluation_file=str(test_file),
     )
 
 
@@ -194,7 +288,13 @@ def train_shared_tokenizer(config: ExperimentConfig, data: dict, out: Path, resu
 
 
 def train_model(
-    config: ExperimentConfig, data: dict, tokenizer_dir: Path, attention: str, out: Path, resume: bool = False
+    config: ExperimentConfig,
+    data: dict,
+    tokenizer_dir: Path,
+    attention: str,
+    out: Path,
+    resume: bool = False,
+    seed: int | None = None,
 ):
     """One model in out/train-ATTENTION; resume: continue it from its checkpoint when it has one."""
     train_config = TrainConfig(
@@ -216,7 +316,7 @@ def train_model(
         patience=config.patience,
         lr=config.lr,
         batch_size=config.batch_size,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         cpu=config.cpu,
         progress=config.progress,
     )
@@ -277,7 +377,7 @@ def fit_adapters(config: ExperimentConfig, model, tokenizer, data: dict, out: Pa
 
 
 def validation_windows(config: ExperimentConfig, data: dict, tokenizer) -> list[dict]:
-    texts = load_texts(text_file=data["validation_file"])
+    texts = load_texts(text_file=data.get("evaluation_file", data["validation_file"]))
     windows = ppl_windows(tokenize_texts(texts, tokenizer), config.eval_max_length, config.eval_stride)
     windows = [window for window in windows if count_scored_tokens([window]) > 0]
     return windows[: config.eval_max_windows] if config.eval_max_windows else windows
@@ -292,8 +392,10 @@ def evaluate_model(model, windows, modes, adapters=None, progress=True) -> list[
     return add_degradation(records)
 
 
-def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
-    results = reversal_metrics(model, tokenizer, facts, modes, split=config.reversal_split, progress=config.progress)
+def reversal_for(model, tokenizer, facts, modes, adapters, config, exact_match: bool = True) -> dict:
+    results = reversal_metrics(
+        model, tokenizer, facts, modes, split=config.reversal_split, exact_match=exact_match, progress=config.progress
+    )
     for name, adapter in (adapters or {}).items():
         extra = reversal_metrics(
             model,
@@ -302,6 +404,7 @@ def reversal_for(model, tokenizer, facts, modes, adapters, config) -> dict:
             [Mode("ka+adapter")],
             split=config.reversal_split,
             adapter=adapter,
+            exact_match=exact_match,
             progress=config.progress,
         )
         results[f"ka+adapter({name})"] = extra["ka+adapter"]
@@ -357,37 +460,37 @@ def _jsonable_config(config: ExperimentConfig) -> dict:
     return json.loads(json.dumps(values))
 
 
-def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bool = False) -> dict:
-    """Run every step; returns the results record (also written to DIR/results.json with DIR/report.md).
+def seed_dir(config: ExperimentConfig, out: Path, seed: int) -> Path:
+    """Where one seed's models and adapters live: DIR itself for a one-seed run, DIR/seed-S with several."""
+    return out if config.seeds == 1 else out / f"seed-{seed}"
 
-    A DIR with earlier results is refused (KAError) unless overwrite=True or resume=True (see prepare_out_dir).
-    """
-    out = prepare_out_dir(config, overwrite, resume)
-    resume = resume and not overwrite
-    started = time.perf_counter()
-    timings = {}
+
+SEED_RESULTS = "seed_results.json"  # a finished seed's numbers: --resume keeps the seed instead of redoing it
+
+
+def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, control, out: Path, resume: bool) -> dict:
+    """Train both models with `seed`, fit the adapters, evaluate every model x mode, score the facts and the
+    unseen-facts control; returns the seed's record (also written to out/seed_results.json)."""
+    saved = out / SEED_RESULTS
+    if resume and saved.is_file():
+        return json.loads(saved.read_text())
+    timings, last = {}, time.perf_counter()
 
     def step(name):
-        timings[name] = time.perf_counter() - step.last
-        step.last = time.perf_counter()
+        nonlocal last
+        timings[name], last = time.perf_counter() - last, time.perf_counter()
 
-    step.last = started
-    data = prepare_data(config, out)
-    tokenizer_dir = train_shared_tokenizer(config, data, out, resume)
-    step("data and tokenizer")
     trained = {
-        attention: train_model(config, data, tokenizer_dir, attention, out, resume) for attention in ("standard", "ka")
+        attention: train_model(config, data, tokenizer_dir, attention, out, resume, seed)
+        for attention in ("standard", "ka")
     }
     step("training")
-
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
-    tokenizer = load_tokenizer(str(tokenizer_dir))
     standard = load_model(str(trained["standard"].best_dir), device=device)
     ka_model = load_model(str(trained["ka"].best_dir), device=device)
     fitted = fit_adapters(config, standard, tokenizer, data, out)
     step("adapters")
 
-    windows = validation_windows(config, data, tokenizer)
     num_layers = standard.config.num_hidden_layers
     inference = {
         "standard": evaluate_model(
@@ -401,21 +504,21 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
     )
     step("evaluation")
 
-    facts = make_facts(config.facts, config.facts_seed)
-    reversal = {
-        "standard": reversal_for(
-            standard, tokenizer, facts, parse_modes("kv,ka,ka-hybrid"), fitted["adapters"], config
-        ),
-        "ka": reversal_for(ka_model, tokenizer, facts, parse_modes("kv,ka"), None, config),
-    }
+    reversal, reversal_unseen = {}, {}
+    for name, model, modes, adapters in (
+        ("standard", standard, "kv,ka,ka-hybrid", fitted["adapters"]),
+        ("ka", ka_model, "kv,ka", None),
+    ):
+        reversal[name] = reversal_for(model, tokenizer, facts, parse_modes(modes), adapters, config)
+        if control:  # scored like the trained facts; greedy exact match is left out (it is ~0 for unseen facts)
+            reversal_unseen[name] = reversal_for(
+                model, tokenizer, control, parse_modes(modes), adapters, config, exact_match=False
+            )
     step("reversal")
 
     record = dict(
-        title="KA cache study",
-        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        command=f"python -m ka_hf.experiment --preset {config.preset} --out {config.out}",
-        config=dataclasses.asdict(config),
-        data=data,
+        seed=seed,
+        dir=str(out),
         model=dict(
             model_type=standard.config.model_type,
             parameters=sum(p.numel() for p in standard.parameters()),
@@ -430,38 +533,106 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
                 best_epoch=result.best_epoch,
                 best_val_ppl=result.best_val_ppl,
                 train_seconds=result.train_seconds,
+                train_blocks=result.train_blocks,
+                val_blocks=result.val_blocks,
                 stopped_early=result.stopped_early,
                 best_dir=str(result.best_dir),
             )
             for attention, result in trained.items()
         },
         adapters=fitted["record"],
+        inference=inference,
+        layer_sweep=sweep,
+        reversal=reversal,
+        reversal_unseen=reversal_unseen,
+        timings_s=timings,
+    )
+    record["findings"] = findings(record, data["facts"]["include"])
+    files.write_json(saved, record)
+    return record
+
+
+def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run every step, once per seed; returns the results record (also written to DIR/results.json with
+    DIR/report.md).
+
+    A DIR with earlier results is refused (KAError) unless overwrite=True or resume=True (see prepare_out_dir).
+    """
+    out = prepare_out_dir(config, overwrite, resume)
+    resume = resume and not overwrite
+    started = time.perf_counter()
+    data = prepare_data(config, out)
+    tokenizer_dir = train_shared_tokenizer(config, data, out, resume)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    windows = validation_windows(config, data, tokenizer)
+    facts = make_facts(config.facts, config.facts_seed)
+    control = unseen_facts(facts, config.n_unseen_facts, config.facts_seed)
+    timings = {"data and tokenizer": time.perf_counter() - started}
+
+    seeds = [
+        run_seed(
+            config, seed, data, tokenizer_dir, tokenizer, windows, facts, control, seed_dir(config, out, seed), resume
+        )
+        for seed in tqdm(config.seed_list, desc="seeds", disable=not config.progress or config.seeds == 1)
+    ]
+    for name in seeds[0]["timings_s"]:
+        timings[name] = sum(seed["timings_s"][name] for seed in seeds)
+    first = seeds[0]
+    per_seed = [seed["findings"] for seed in seeds]
+    record = dict(
+        title="KA cache study",
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        command=command_line(config),
+        config=dataclasses.asdict(config),
+        data=data | dict(unseen_facts=len(control)),
+        model=first["model"],
+        # seed 0's models at the top level, as a one-seed run has them; every seed's under "seeds"
+        training=first["training"],
+        adapters=first["adapters"],
         windows=dict(
             count=len(windows),
             max_length=config.eval_max_length,
             stride=config.eval_stride,
             scored_tokens=count_scored_tokens(windows),
-            source=data["validation_file"],
+            source=data.get("evaluation_file", data["validation_file"]),
         ),
-        inference=inference,
-        layer_sweep=sweep,
-        reversal=reversal,
+        inference=first["inference"],
+        layer_sweep=first["layer_sweep"],
+        reversal=first["reversal"],
+        reversal_unseen=first["reversal_unseen"],
+        seeds=seeds,
         environment=report.environment(),
     )
     timings["total"] = time.perf_counter() - started
     record["timings_s"] = timings
-    record["findings"] = findings(record)
+    record["findings"] = dict(per_seed=per_seed, summary=summarize(per_seed), verdicts=verdicts(per_seed))
     from .experiment_report import write_experiment_report
 
     record["files"] = write_experiment_report(record, out)
-    for attention, result in trained.items():
-        write_model_results(record, attention, result.best_dir)
+    for seed in seeds:
+        for attention, training in seed["training"].items():
+            write_model_results(record, seed, attention, Path(training["best_dir"]))
     return record
 
 
-def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
-    """Each model's own eval and reversal results.json, the same records eval_ppl.py and reversal_curse.py write,
-    next to its checkpoint: what examples/push_to_hub.py finds and puts on the model card."""
+def command_line(config: ExperimentConfig) -> str:
+    """The command that reproduces this run: the preset and every setting that differs from it."""
+    preset = ExperimentConfig.from_preset(config.preset, config.out, smoke=config.smoke)
+    flags = {"seeds": "--seeds", "seed": "--seed", "epochs": "--epochs", "samples": "--samples", "facts": "--facts"}
+    flags |= {"text_file": "--text-file", "val_text_file": "--val-text-file", "facts_include": "--facts-include"}
+    flags |= {"test_text_file": "--test-text-file", "dataset": "--dataset", "dataset_config": "--dataset-config"}
+    parts = ["python -m ka_hf.experiment", f"--preset {config.preset}", f"--out {config.out}"]
+    parts += ["--smoke"] if config.smoke else []
+    parts += [
+        f"{flag} {getattr(config, key)}" for key, flag in flags.items() if getattr(config, key) != getattr(preset, key)
+    ]
+    return " ".join(parts)
+
+
+def write_model_results(record: dict, seed: dict, attention: str, model_dir: Path) -> None:
+    """Each model's own eval and reversal results.json (from its seed's record), the same records eval_ppl.py and
+    reversal_curse.py write, next to its checkpoint: what examples/push_to_hub.py finds and puts on the model
+    card."""
     run_dir = Path(model_dir).parent
     model = dict(path=str(model_dir))
     windows = record["windows"]
@@ -475,11 +646,11 @@ def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
             run=dict(
                 model=str(model_dir),
                 text_file=windows["source"],
-                split="validation",
+                split="evaluation",
                 max_length=windows["max_length"],
                 stride=windows["stride"],
             ),
-            results=record["inference"][attention],
+            results=seed["inference"][attention],
             environment=record["environment"],
         ),
     )
@@ -489,7 +660,7 @@ def write_model_results(record: dict, attention: str, model_dir: Path) -> None:
         ReversalRecord(
             command=record["command"],
             model=model,
-            results=record["reversal"][attention],
+            results=seed["reversal"][attention],
             facts=dict(n=facts["n"], seed=facts["seed"], trained_on=facts["include"]),
             splits=["test", "train"]
             if record["config"]["reversal_split"] == "both"
@@ -507,8 +678,9 @@ def _by_mode(records):
     return {record["mode"]: record for record in records}
 
 
-def findings(record: dict) -> dict:
-    """The comparisons the report's prose states, computed here so the text and the JSON agree."""
+def findings(record: dict, facts_include: str = "forward") -> dict:
+    """One seed's numbers that the report's prose compares (ka_hf.study.verdicts turns the seeds' findings into
+    the verdicts), computed here so the text and the JSON agree."""
     standard = _by_mode(record["inference"]["standard"])
     ka_trained = _by_mode(record["inference"]["ka"])
     kv, ka, hybrid = standard["kv"]["ppl"], standard["ka"]["ppl"], standard["ka-hybrid"]["ppl"]
@@ -542,7 +714,30 @@ def findings(record: dict) -> dict:
         }
         for model, modes in record["reversal"].items()
     }
+    result["reversal_control"] = {
+        model: dict(
+            mode=OWN_MODE[model],
+            trained_on=facts_include,
+            split=_reversal_split(record["reversal"][model][OWN_MODE[model]]),
+            trained=_answer_ppls(record["reversal"][model][OWN_MODE[model]]),
+            unseen=_answer_ppls(record["reversal_unseen"][model][OWN_MODE[model]]),
+        )
+        for model in record.get("reversal_unseen", {})
+    }
     return result
+
+
+OWN_MODE = {"standard": "kv", "ka": "ka"}  # each model read with the attention it was trained with
+
+
+def _answer_ppls(mode_record) -> dict:
+    summary = mode_record["splits"][_reversal_split(mode_record)]
+    return dict(
+        forward_answer_ppl=summary["forward"]["answer_ppl"],
+        backward_answer_ppl=summary["backward"]["answer_ppl"],
+        forward_ppl=summary["forward"]["ppl"],
+        backward_ppl=summary["backward"]["ppl"],
+    )
 
 
 def _reversal_split(mode_record) -> str:
@@ -570,7 +765,20 @@ def main(argv=None):
     parser.add_argument("--facts-include", choices=["forward", "backward", "both"])
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--samples", type=int, help="training blocks")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="the first seed (default: the preset's, 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="train and evaluate every model this many times (seeds seed, seed+1, ...); "
+        "the report gives mean ± std and calls a difference only when it exceeds the spread (default 1)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every stage of the preset for a handful of steps and windows: "
+        "proves the preset runs (minutes on a CPU); its numbers mean nothing",
+    )
+    parser.add_argument("--test-text-file", help="the evaluation windows' text (default: the validation text)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
@@ -596,6 +804,9 @@ def main(argv=None):
             epochs=args.epochs,
             samples=args.samples,
             seed=args.seed,
+            seeds=args.seeds,
+            smoke=args.smoke,
+            test_text_file=args.test_text_file,
             cpu=args.cpu or None,
             progress=not args.no_progress,
         )

@@ -3,7 +3,9 @@
 Structured like the original experiment report (../seed in the project's history): configuration, per-epoch
 training tables, the inference table with degradation in %, the training-vs-inference table, then what the
 original report could not show: the same-model KV baseline, the adapter, the layer sweep, the position curve and
-the reversal curse. Sentences that interpret numbers are built from the numbers in `record["findings"]`.
+the reversal curse with its unseen-facts control. With several seeds every number is mean ± std over the seeds
+(each seed's values are in results.json under "seeds"); per-epoch tables and plots show the first seed. Sentences
+that interpret numbers are ka_hf.study.verdicts' (record["findings"]["verdicts"]): each states what it compares.
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from .evaluation.reversal import table_rows as reversal_rows
 from .evaluation.run import table_rows
 from .records import StudyRecord
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
+from .verdicts import format_stat, stats
 
 INFERENCE_COLUMNS = [
     ("mode", "Mode"),
@@ -30,10 +33,50 @@ def _signed(value: float, digits: int = 1) -> str:
     return f"{value:+,.{digits}f}"
 
 
+def _cell(values, digits: int = 2):
+    """One value as itself (one seed, or the same in every seed), several as "mean ± std" text."""
+    if len(set(values)) == 1:
+        return values[0]
+    return format_stat(stats(values), digits)
+
+
+def _mode_rows(seeds, pick, digits: int = 2) -> list[dict]:
+    """Per-mode rows over the seeds: pick(seed) is that seed's list of per-mode records (same modes, same order);
+    every number becomes _cell(its values over the seeds)."""
+    per_seed = [pick(seed) for seed in seeds]
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        row = {}
+        for key, value in first.items():
+            values = [records[i][key] for records in per_seed]
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            row[key] = _cell(values, digits) if numeric else value
+        rows.append(row)
+    return rows
+
+
+def _summary(record, *path, digits: int = 1, scale: float = 1.0) -> str:
+    node = record["findings"]["summary"]
+    for key in path:
+        node = node[key]
+    return format_stat(node, digits, scale)
+
+
 def _configuration(record) -> str:
     config, model, data = record["config"], record["model"], record["data"]
+    seeds = [seed["seed"] for seed in record["seeds"]]
+    trained_blocks = sorted(
+        {seed["training"][a]["train_blocks"] for seed in record["seeds"] for a in ("standard", "ka")}
+    )
+    source = data["source"]
+    if config["preset"] == "seed" and not config.get("dataset"):
+        source += " — the original protocol trained on the Pile, which is not available offline; this text replaces it"
     rows = [
-        ("Preset", config["preset"]),
+        (
+            "Preset",
+            config["preset"]
+            + (" with --smoke (a few steps of every stage: the numbers mean nothing)" if config.get("smoke") else ""),
+        ),
         (
             "Model",
             f"{model['model_type']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
@@ -42,18 +85,27 @@ def _configuration(record) -> str:
         ("Tokenizer", f"byte-level BPE trained on the training text, {model['vocabulary']:,} tokens"),
         (
             "Data",
-            f"{data['source']}: {data['train_texts']:,} training texts + {data['fact_texts']:,} fact sentences, "
+            f"{source}: {data['train_texts']:,} training texts + {data['fact_texts']:,} fact sentences, "
             f"{data['validation_texts']:,} validation texts",
         ),
-        ("Samples", f"{config['samples']:,} blocks of {config['seq_len']} tokens"),
+        (
+            "Training blocks",
+            f"{' / '.join(f'{n:,}' for n in trained_blocks)} blocks of {config['seq_len']} tokens "
+            f"(asked for up to {config['samples']:,})",
+        ),
         ("Epochs", f"{config['epochs']} (early stopping patience={config['patience']})"),
         ("Learning rate", config["lr"]),
         ("Batch size", config["batch_size"]),
-        ("Seed", config["seed"]),
+        (
+            "Seeds",
+            f"{len(seeds)} ({', '.join(map(str, seeds))}): every model trained and evaluated once per seed"
+            + ("; numbers are mean ± std over the seeds" if len(seeds) > 1 else "; no spread measured"),
+        ),
         (
             "Facts",
             f"{data['facts']['n']} fictitious facts (seed {data['facts']['seed']}), trained on "
-            f"{data['facts']['include']} sentences",
+            f"{data['facts']['include']} sentences; {data.get('unseen_facts', 0)} unseen facts of the same generator "
+            "as the control",
         ),
         (
             "Evaluation windows",
@@ -74,85 +126,85 @@ def _configuration(record) -> str:
 def _training_section(record, attention: str, title: str) -> str:
     training = record["training"][attention]
     table = report.markdown_table(training["epochs"], EPOCH_COLUMNS, digits=1)
-    return (
-        f"## Training results ({title})\n\n{table}\n\n"
-        f"**Best: epoch {training['best_epoch']}, val PPL = {training['best_val_ppl']:.1f}** "
+    text = f"## Training results ({title})\n\n"
+    seeds = record["seeds"]
+    if len(seeds) > 1:
+        text += f"Seed {seeds[0]['seed']}:\n\n"
+    text += (
+        f"{table}\n\n**Best: epoch {training['best_epoch']}, val PPL = {training['best_val_ppl']:.1f}** "
         f"(training time {training['train_seconds']:.1f} s)"
     )
+    if len(seeds) > 1:
+        rows = [
+            dict(seed=seed["seed"])
+            | {k: seed["training"][attention][k] for k in ("best_epoch", "best_val_ppl", "train_seconds")}
+            for seed in seeds
+        ]
+        best = stats([row["best_val_ppl"] for row in rows])
+        text += "\n\nEvery seed:\n\n" + report.markdown_table(
+            rows,
+            [
+                ("seed", "Seed"),
+                ("best_epoch", "Best epoch"),
+                ("best_val_ppl", "Best val PPL"),
+                ("train_seconds", "Training time (s)"),
+            ],
+        )
+        text += f"\n\nBest val PPL over the seeds: **{format_stat(best, 1)}**"
+    return text
 
 
-def _degradation_block(findings) -> str:
+def _degradation_block(record) -> str:
+    per_seed = record["findings"]["per_seed"]
+    difference = stats([f["ka_cache_ppl"] - f["kv_ppl"] for f in per_seed])
     return (
         "```\n"
-        f"KV cache (standard attention) PPL: {findings['kv_ppl']:.1f}\n"
-        f"KA cache inference PPL:           {findings['ka_cache_ppl']:.1f}\n\n"
-        f"Degradation: {_signed(findings['ka_cache_ppl'] - findings['kv_ppl'])} "
-        f"({_signed(findings['ka_cache_degradation_pct'])}%)\n```"
+        f"KV cache (standard attention) PPL: {_summary(record, 'kv_ppl')}\n"
+        f"KA cache inference PPL:           {_summary(record, 'ka_cache_ppl')}\n\n"
+        f"Degradation: {format_stat(difference, 1)} ({_summary(record, 'ka_cache_degradation_pct')}%)\n```"
     )
 
 
 def _comparison_table(record) -> str:
-    standard = {r["mode"]: r for r in record["inference"]["standard"]}
-    ka_trained = {r["mode"]: r for r in record["inference"]["ka"]}
     rows = [
-        ("Standard attention", "Standard", "KV cache", standard["kv"]),
-        ("KA attention", "KA", "KA cache", ka_trained["ka"]),
-        ("Plan 3 (KA cache at inference only)", "Standard", "KA cache", standard["ka"]),
-        ("ka-hybrid (standard prompt, KA generation)", "Standard", "ka-hybrid", standard["ka-hybrid"]),
+        ("Standard attention", "Standard", "KV cache", "standard", "kv"),
+        ("KA attention", "KA", "KA cache", "ka", "ka"),
+        ("Plan 3 (KA cache at inference only)", "Standard", "KA cache", "standard", "ka"),
+        ("ka-hybrid (standard prompt, KA generation)", "Standard", "ka-hybrid", "standard", "ka-hybrid"),
     ]
-    for name, result in standard.items():
+    for record_ in record["inference"]["standard"]:
+        name = record_["mode"]
         if name.startswith("ka+adapter("):
-            rows.append((f"Plan 1 adapter, {name[11:-1]}", "Standard", "KA cache + adapter", result))
-    rows.append(("KA-trained model read with standard attention", "KA", "KV cache", ka_trained["kv"]))
-    lines = ["| Method | Training | Inference | Val PPL | vs KV (%) |", "|---|---|---|---|---|"]
-    kv = standard["kv"]["ppl"]
-    for method, training, inference, result in rows:
+            rows.append((f"Plan 1 adapter, {name[11:-1]}", "Standard", "KA cache + adapter", "standard", name))
+    rows.append(("KA-trained model read with standard attention", "KA", "KV cache", "ka", "kv"))
+    lines = ["| Method | Training | Inference | PPL | vs KV (%) |", "|---|---|---|---|---|"]
+
+    def ppl(seed, model, mode):
+        return next(r["ppl"] for r in seed["inference"][model] if r["mode"] == mode)
+
+    for method, training, inference, model, mode in rows:
+        values = [ppl(seed, model, mode) for seed in record["seeds"]]
+        versus = [(ppl(seed, model, mode) / ppl(seed, "standard", "kv") - 1) * 100 for seed in record["seeds"]]
         lines.append(
-            f"| {method} | {training} | {inference} | {result['ppl']:.1f} | {_signed((result['ppl'] / kv - 1) * 100)} |"
+            f"| {method} | {training} | {inference} | {report.format_number(_cell(values, 1), 1)} | "
+            f"{report.format_number(_cell(versus, 1), 1)} |"
         )
     return "\n".join(lines)
 
 
 def _hypotheses(record) -> str:
-    f = record["findings"]
-    lines = ["The original report offered three explanations for the degradation. This run measures each one:", ""]
-    adapters = f["adapters"]
-    if adapters:
-        parts = [
-            f"{name}: PPL {a['ppl']:.1f} ({_signed(a['degradation_pct'])}% vs KV), "
-            f"{a['gap_recovered'] * 100:.0f}% of the KA–KV gap recovered"
-            for name, a in adapters.items()
-        ]
-        best = max(adapters.values(), key=lambda a: a["gap_recovered"])
-        verdict = (
-            "a learned map from A to V-space closes most of the gap, so the difference between the A and V "
-            "distributions explains most of the degradation"
-            if best["gap_recovered"] >= 0.5
-            else "a learned map from A to V-space closes less than half of the gap, so the difference between "
-            "the A and V distributions explains only part of the degradation"
-        )
-        lines.append(
-            f"1. **A and V have different distributions.** Plan-1 adapters: {'; '.join(parts)}. Here {verdict}."
-        )
-    mismatch = f["ka_trained_ppl"] < f["ka_cache_ppl"]
-    lines.append(
-        f"2. **Train/inference mismatch.** The KA-trained model evaluated with KA reaches PPL {f['ka_trained_ppl']:.1f} "
-        f"({_signed(f['ka_trained_vs_standard_pct'])}% vs the standard model's KV PPL), against "
-        f"{f['ka_cache_ppl']:.1f} for the standard model read with a KA cache: training with KA "
-        + ("removes part of the mismatch." if mismatch else "does not do better than KA at inference only here.")
-        + f" Read with standard attention, the KA-trained model scores {f['ka_trained_under_kv_ppl']:.1f}."
-        f" KA training took {f['train_time_ratio']:.2f}x the standard training time (the original token loop: 4.7x)."
-    )
-    sweep, gaps = f["sweep_ppl"], list(f["position_gap"].values())
-    trend = "rises with every added KA layer" if f["sweep_monotone"] else "does not rise monotonically with depth"
-    lines.append(
-        f"3. **Error accumulates over layers.** With KA on layers 0..k, PPL goes from {sweep[0]:.1f} (k=0) to "
-        f"{sweep[-1]:.1f} (all {len(sweep)} layers): it {trend}. Along the sequence, the mean NLL gap KA − KV over "
-        "equal ranges of the window positions that most windows score is "
-        + ", ".join(f"{gap:.3f} ({positions})" for positions, gap in f["position_gap"].items())
-        + " nats"
-        + (" — it grows along the sequence." if gaps[-1] > gaps[0] else " — it does not grow along the sequence.")
-    )
+    verdicts = record["findings"]["verdicts"]
+    lines = [
+        "The original report offered three explanations for the degradation. This run measures each one "
+        "(a difference counts only when it exceeds the noise band: 2 standard deviations of its per-seed values; "
+        "with one seed no spread is measured):",
+        "",
+        f"1. **A and V have different distributions.** {verdicts['adapter']['text']}",
+        f"2. **Train/inference mismatch.** {verdicts['mismatch']['text']} {verdicts['train_time']['text']} "
+        "(The original token loop took 4.7x.)",
+        f"3. **Error accumulates over layers and positions.** {verdicts['depth']['text']} "
+        f"{verdicts['position']['text']}",
+    ]
     return "\n".join(lines)
 
 
@@ -160,34 +212,52 @@ def _reversal_section(record) -> str:
     facts = record["data"]["facts"]
     parts = [
         f'{facts["n"]} fictitious facts "A is B" (name → unique description, seed {facts["seed"]}) were mixed '
-        f'into the training text as **{facts["include"]}** sentences only. Forward = "A is B" sentences, '
-        'backward = "B is A"; PPL over the whole sentence and over the answer span; ratio = forward PPL / '
-        "backward PPL; EM = greedy completion of the answer. Held-out templates (`test`) were never trained on."
+        f"into the training text as **{facts['include']}** sentences only; {record['data'].get('unseen_facts', 0)} "
+        'more facts of the same generator were never trained on: the control, what "not learned" looks like. '
+        'Forward = "A is B" sentences, backward = "B is A"; PPL over the whole sentence and over the answer span; '
+        "ratio = forward PPL / backward PPL; EM = greedy completion of the answer. Held-out templates (`test`) "
+        "were never trained on."
     ]
-    for split in ("test", "train"):
-        rows = []
-        for model_name, modes in record["reversal"].items():
-            if not all(split in result["splits"] for result in modes.values()):
-                continue
-            for row in reversal_rows(modes, split):
-                rows.append(row | {"model": f"{model_name}-trained"})
-        if rows:
-            columns = [("model", "Model")] + REVERSAL_COLUMNS
-            parts.append(f"**{split} templates**\n\n" + report.markdown_table(rows, columns, digits=3))
-    summary = []
-    for model_name, modes in record["findings"]["reversal"].items():
-        kv_like = modes.get("kv") if model_name == "standard" else modes.get("ka")
-        if kv_like:
-            side = "easier" if kv_like["answer_ratio"] < 1 else "harder"
-            summary.append(
-                f"the {model_name}-trained model (in its own attention) finds forward answers {side} than "
-                f"backward ones (answer ratio {kv_like['answer_ratio']:.3f})"
-            )
-    if summary:
+    control_rows = []
+    for model in record["findings"]["per_seed"][0]["reversal_control"]:
+        per_seed = [f["reversal_control"][model] for f in record["findings"]["per_seed"]]
+        row = dict(model=f"{model}-trained ({per_seed[0]['mode']}, {per_seed[0]['split']} templates)")
+        for facts_kind in ("trained", "unseen"):
+            for direction in ("forward", "backward"):
+                key = f"{direction}_answer_ppl"
+                row[f"{facts_kind}_{direction}"] = _cell([c[facts_kind][key] for c in per_seed], 2)
+        control_rows.append(row)
+    if control_rows:
+        columns = [
+            ("model", "Model (attention, templates)"),
+            ("trained_forward", "trained fwd answer PPL"),
+            ("unseen_forward", "unseen fwd answer PPL"),
+            ("trained_backward", "trained bwd answer PPL"),
+            ("unseen_backward", "unseen bwd answer PPL"),
+        ]
         parts.append(
-            "In numbers: " + "; ".join(summary) + ". A ratio far below 1 after forward-only training is the "
-            "reversal curse; compare the modes of one model to see whether KA changes it."
+            "**Trained facts beside the unseen-facts control**\n\n" + report.markdown_table(control_rows, columns)
         )
+    verdicts = record["findings"]["verdicts"]
+    sentences = [verdicts[key]["text"] for key in verdicts if key.startswith("reversal_")]
+    if sentences:
+        parts.append(" ".join(sentences))
+    seed0 = record["seeds"][0]["seed"]
+    for split in ("test", "train"):
+        for title, results in (
+            ("trained facts", record["reversal"]),
+            ("unseen facts", record.get("reversal_unseen") or {}),
+        ):
+            rows = []
+            for model_name, modes in results.items():
+                if not all(split in result["splits"] for result in modes.values()):
+                    continue
+                for row in reversal_rows(modes, split):
+                    rows.append(row | {"model": f"{model_name}-trained"})
+            if rows:
+                columns = [("model", "Model")] + REVERSAL_COLUMNS
+                label = f"**{title}, {split} templates**" + (f" (seed {seed0})" if len(record["seeds"]) > 1 else "")
+                parts.append(label + "\n\n" + report.markdown_table(rows, columns, digits=3))
     return "\n\n".join(parts)
 
 
@@ -214,20 +284,44 @@ def _plots(record, out: Path) -> dict:
     }
 
 
+def _adapter_rows(record) -> list[dict]:
+    per_seed = record["findings"]["per_seed"]
+    rows = []
+    for name in per_seed[0]["adapters"]:
+        recovered = [f["adapters"][name]["gap_recovered"] for f in per_seed]
+        rows.append(
+            dict(
+                name=name,
+                ppl=_cell([f["adapters"][name]["ppl"] for f in per_seed], 2),
+                degradation_pct=_cell([f["adapters"][name]["degradation_pct"] for f in per_seed], 1),
+                # no KA-KV gap in a seed (KA no worse than KV): nothing to recover, shown as "–"
+                gap_recovered_pct=format_stat(stats([r * 100 for r in recovered]), 0),
+            )
+        )
+    return rows
+
+
+def _sweep_rows(record) -> list[dict]:
+    return _mode_rows(record["seeds"], lambda seed: [r | {"k": max(r["layers"])} for r in seed["layer_sweep"]])
+
+
+def _timings(record) -> str:
+    timings = record["timings_s"]
+    text = f"Total time: {timings['total']:.0f} s (" + ", ".join(
+        f"{k} {v:.0f} s" for k, v in timings.items() if k != "total"
+    )
+    return text + (f", summed over {len(record['seeds'])} seeds)" if len(record["seeds"]) > 1 else ")")
+
+
 def write_experiment_report(record: dict, out: Path) -> dict:
     out = Path(out)
     plots = _plots(record, out)
-    f = record["findings"]
     adapters = record["adapters"]
-    adapter_rows = [
-        dict(name=name, ppl=a["ppl"], degradation_pct=a["degradation_pct"], gap_recovered_pct=a["gap_recovered"] * 100)
-        for name, a in f["adapters"].items()
-    ]
+    seeds = record["seeds"]
+    over = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
     sections = [
         f"# {record['title']} — report\n\nDate: {record['date']}  \nCommand: `{record['command']}`  \n"
-        f"Total time: {record['timings_s']['total']:.0f} s ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in record["timings_s"].items() if k != "total")
-        + ")",
+        f"Machine: {record['environment']['device']}, {record['environment']['platform']}  \n" + _timings(record),
         "## Experiment overview\n\nThe original report's open items, run together on the same models, data and "
         "windows: a standard-attention model and an exact-KA model trained with the same protocol; the standard "
         "model evaluated with a KV cache (the baseline the original run skipped), a KA cache (its plan 3), the "
@@ -237,16 +331,18 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         "## Configuration\n\n" + _configuration(record),
         _training_section(record, "standard", "standard attention"),
         _training_section(record, "ka", "exact KA attention")
-        + f"\n\nKA training time / standard training time: **{f['train_time_ratio']:.2f}x** (same data and machine).",
+        + f"\n\n{record['findings']['verdicts']['train_time']['text']}",
         "![training curves](training_curves.png)",
-        "## Inference evaluation (standard-trained model)\n\n"
-        + report.markdown_table(table_rows(record["inference"]["standard"]), INFERENCE_COLUMNS),
-        "## Inference evaluation (KA-trained model)\n\n"
-        + report.markdown_table(table_rows(record["inference"]["ka"]), INFERENCE_COLUMNS)
+        f"## Inference evaluation (standard-trained model){over}\n\n"
+        + report.markdown_table(
+            _mode_rows(seeds, lambda seed: table_rows(seed["inference"]["standard"])), INFERENCE_COLUMNS
+        ),
+        f"## Inference evaluation (KA-trained model){over}\n\n"
+        + report.markdown_table(_mode_rows(seeds, lambda seed: table_rows(seed["inference"]["ka"])), INFERENCE_COLUMNS)
         + "\n\nCache bytes after one window; peak memory is "
         + ("CUDA max allocated." if "CPU" not in record["environment"]["device"] else "the process peak RSS."),
-        "## Analysis\n\n### PPL degradation\n\n" + _degradation_block(f),
-        "### Training vs inference\n\n"
+        f"## Analysis\n\n### PPL degradation{over}\n\n" + _degradation_block(record),
+        f"### Training vs inference{over}\n\n"
         + _comparison_table(record)
         + "\n\nAll PPLs here are on the evaluation windows (the same for every row), so they differ from the "
         "training tables' val PPL on non-overlapping blocks.",
@@ -254,12 +350,11 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         + _hypotheses(record)
         + "\n\n![NLL gap by position](nll_gap_by_position.png)\n\n![layer sweep](layer_sweep.png)\n\n"
         + report.markdown_table(
-            [r | {"k": max(r["layers"])} for r in record["layer_sweep"]],
-            [("k", "KA on layers 0..k"), ("ppl", "PPL"), ("degradation_pct", "vs KV (%)")],
+            _sweep_rows(record), [("k", "KA on layers 0..k"), ("ppl", "PPL"), ("degradation_pct", "vs KV (%)")]
         ),
-        "## Adapter (plan 1)\n\n"
+        f"## Adapter (plan 1){over}\n\n"
         + report.markdown_table(
-            adapter_rows,
+            _adapter_rows(record),
             [
                 ("name", "Adapter"),
                 ("ppl", "PPL"),
@@ -270,7 +365,8 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         + f"\n\nFitted on {adapters['fit_blocks']} training blocks of {adapters['seq_len']} tokens: least squares in "
         f"{adapters['least_squares_seconds']:.1f} s; distillation {adapters['distill_steps']} steps in "
         f"{adapters['distill_seconds']:.1f} s (KL {adapters['first_kl']:.4f} → {adapters['last_kl']:.4f}). "
-        "The original project's adapter recovered 65% of the gap and stayed +303% above KV.",
+        "The original project's adapter recovered 65% of the gap and stayed +303% above KV. "
+        + record["findings"]["verdicts"]["adapter"]["text"],
         "## Reversal curse\n\n" + _reversal_section(record),
         "## Files\n\n"
         + "\n".join(
@@ -281,9 +377,11 @@ def write_experiment_report(record: dict, out: Path) -> dict:
                 "training_curves.png",
                 "nll_gap_by_position.png",
                 "layer_sweep.png",
-                "train-standard/best/ (standard model)",
-                "train-ka/best/ (KA model)",
-                "adapters/",
+                *(
+                    ["train-standard/best/ (standard model)", "train-ka/best/ (KA model)", "adapters/"]
+                    if len(seeds) == 1
+                    else [f"seed-{seed['seed']}/ (that seed's train-standard/, train-ka/, adapters/)" for seed in seeds]
+                ),
                 "data/",
                 "tokenizer/",
             )

@@ -295,6 +295,24 @@ def make_facts(n, seed=0):
     return [Fact(_name(i), description) for i, description in zip(name_indices, descriptions)]
 
 
+def unseen_facts(trained, n, seed=0):
+    """`n` control facts from the same generator that share no name and no description with `trained`.
+
+    A model never saw them, so their forward and backward PPL are what "not learned" looks like: the reversal
+    curse is a trained fact's backward sentence being no easier than an unseen fact's. They come from another
+    seed of `make_facts` (the same families and templates), with any name or description of `trained` dropped.
+    """
+    if n == 0:
+        return []
+    names = {fact.name for fact in trained}
+    descriptions = {fact.description for fact in trained}
+    pool = make_facts(min(MAX_FACTS, n + len(trained)), seed=seed + 7919)  # another seed: another sample
+    control = [fact for fact in pool if fact.name not in names and fact.description not in descriptions]
+    if len(control) < n:
+        raise KAError(f"cannot make {n} unseen facts beside {len(trained)} trained ones: use fewer facts")
+    return control[:n]
+
+
 def _even_quotas(n, capacities):
     """Split n as evenly as possible over bins of the given capacities (n <= sum of capacities)."""
     quotas = [0] * len(capacities)

@@ -168,8 +168,10 @@ class StudyRecord(Record):
     layer_sweep: list
     reversal: dict  # model -> reversal results per mode
     environment: dict
+    reversal_unseen: dict = field(default_factory=dict)  # the same for facts never trained on (the control)
+    seeds: list = field(default_factory=list)  # every seed's own record (the top-level fields are the first seed's)
     timings_s: dict = field(default_factory=dict)
-    findings: dict = field(default_factory=dict)
+    findings: dict = field(default_factory=dict)  # per_seed, summary (mean/std), verdicts
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 

@@ -114,6 +114,8 @@ class TrainResult:
     best_val_ppl: float
     stopped_early: bool
     train_seconds: float  # sum of the epochs' training time
+    train_blocks: int = 0  # blocks of seq_len tokens actually trained on (the text may hold fewer than `samples`)
+    val_blocks: int = 0
     files: dict = field(default_factory=dict)  # table, results, plot
     is_main_process: bool = True  # False in the other processes of a multi-process run
 
@@ -488,6 +490,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, on
 
     result = _result(out, state)
     result.is_main_process = accelerator.is_main_process
+    result.train_blocks, result.val_blocks = len(train_blocks), len(val_blocks)
     if accelerator.is_main_process:
         result.files = write_reports(out, config, state, source, len(train_blocks), len(val_blocks))
     accelerator.wait_for_everyone()
