@@ -421,21 +421,33 @@ def _attention_lookup(original_get_interface):
     return get_interface
 
 
+# generate(cache_implementation=...) values a KA model can honour with a KACache (None: the default, dynamic).
+KA_CACHE_IMPLEMENTATIONS = (None, "dynamic", "offloaded")
+
+
 def _prepare_cache_with_ka_default(original):
-    """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache."""
+    """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache, built from the
+    model's config as generate() builds its DynamicCache (`cache_implementation="offloaded"`: an offloading one)."""
 
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         spec = ka_spec(self.config)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            implementation = generation_config.cache_implementation
+            if implementation not in KA_CACHE_IMPLEMENTATIONS:
+                raise KAError(
+                    f"generate(cache_implementation={implementation!r}): this model runs KA, which caches attention "
+                    "outputs in a KACache; use 'dynamic' or 'offloaded', or pass cache=ka_hf.KACache(...)"
+                )
             model_kwargs["cache"] = KACache(
                 self.config.get_text_config(decoder=True),
                 ka_layers=spec.ka_layers,
                 variant=spec.variant,
                 block_size=spec.block_size,
                 kernel=spec.kernel,
-                offloading=generation_config.cache_implementation == "offloaded",  # as DynamicCache gets it
+                offloading=implementation == "offloaded",
             )
+            generation_config.cache_implementation = None  # generate's own copy: it refuses a cache and a name
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare
