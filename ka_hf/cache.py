@@ -443,6 +443,8 @@ class KACache(Cache):
 
     def _prefetch_after(self, layer_idx: int, device: torch.device) -> None:
         """Cache.update's prefetch step: wait for the layer brought in for this step, start bringing the next."""
+        if self.only_non_sliding and all(self.is_sliding):
+            return  # no layer is ever offloaded (and Cache.prefetch would find none to bring back)
         if device.type == "cuda":  # the CPU has one stream: nothing to wait for
             default_stream = torch.cuda.default_stream(device)
             default_stream.wait_stream(self.prefetch_stream)

@@ -40,14 +40,12 @@ def test_offloaded_generate_equals_resident(arch_name, options):
     )
 
 
-def test_a_ka_layer_leaves_only_after_its_outputs_are_stored():
-    """The order Cache.update keeps for K, V, extended to A: the next layer is prefetched before this layer's
-    update, and a KA layer is offloaded once its attention has written A (a KV layer right after its update)."""
-    model = tiny_model("llama-gqa")
-    cache = KACache(config=model.config, ka_layers=[0, 2], offloading=True)
-    events = []
+def record_calls(cache, names, events):
+    """Wrap the named methods of every layer of `cache` so each call appends (name, layer index) to `events`."""
     for index, layer in enumerate(cache.layers):
-        for name in ("update", "prefetch", "offload") + (("store_outputs",) if isinstance(layer, KALayer) else ()):
+        for name in names:
+            if not hasattr(layer, name):
+                continue
             method = getattr(layer, name)
 
             def recorded(*args, _method=method, _event=(name, index), **kwargs):
@@ -55,6 +53,15 @@ def test_a_ka_layer_leaves_only_after_its_outputs_are_stored():
                 return _method(*args, **kwargs)
 
             setattr(layer, name, recorded)
+
+
+def test_a_ka_layer_leaves_only_after_its_outputs_are_stored():
+    """The order Cache.update keeps for K, V, extended to A: the next layer is prefetched before this layer's
+    update, and a KA layer is offloaded once its attention has written A (a KV layer right after its update)."""
+    model = tiny_model("llama-gqa")
+    cache = KACache(config=model.config, ka_layers=[0, 2], offloading=True)
+    events = []
+    record_calls(cache, ("update", "prefetch", "offload", "store_outputs"), events)
     with torch.no_grad():
         model(random_ids(), cache=cache, use_cache=True)
     assert events == [
@@ -62,6 +69,17 @@ def test_a_ka_layer_leaves_only_after_its_outputs_are_stored():
         ("prefetch", 2), ("update", 1), ("offload", 1),
         ("prefetch", 0), ("update", 2), ("store_outputs", 2), ("offload", 2),
     ]  # fmt: skip
+
+
+def test_window_layers_count_as_sliding_for_offload_only_non_sliding():
+    model = tiny_model("mistral-sliding")  # every layer has the model's own window: KAWindowLayer
+    for only_non_sliding, expected in ((True, []), (False, [("offload", 0), ("offload", 1), ("offload", 2)])):
+        cache = KACache(config=model.config, offloading=True, offload_only_non_sliding=only_non_sliding)
+        events = []
+        record_calls(cache, ("offload",), events)
+        with torch.no_grad():
+            model(random_ids(), cache=cache, use_cache=True)
+        assert cache.is_sliding == [True] * 3 and events == expected
 
 
 def test_a_layer_moves_keys_outputs_and_spare_rows_together():
