@@ -136,15 +136,15 @@ class KALayer(DynamicLayer):
     def offload(self) -> None:
         """K and A (with their spare rows) to the CPU, as `DynamicLayer.offload` moves K and V."""
         if self.is_initialized:
-            self._move_to("cpu")
+            self._move_to("cpu", "offload")
 
     def prefetch(self) -> None:
         """K and A back to the layer's device ahead of their use (`DynamicLayer.prefetch`)."""
         if self.is_initialized and self.keys.device != self.device:
-            self._move_to(self.device)
+            self._move_to(self.device, "prefetch")
 
-    def _move_to(self, device) -> None:
-        self._check_not_pending("offload")
+    def _move_to(self, device, what: str) -> None:
+        self._check_not_pending(what)  # the attention still has to read and write this layer's A
         self.keys, self._key_buffer = _moved(self.keys, self._key_buffer, device)
         self.values, self._value_buffer = _moved(self.values, self._value_buffer, device)
 
