@@ -2,17 +2,19 @@
 
 Shaped like `transformers.DynamicCache`: a list of per-layer objects with a small interface. A `KALayer` is a
 `DynamicLayer` whose `values` slot holds the attention outputs A of past tokens instead of their values V, so
-cropping, beam reordering, batch selection and offloading work unchanged. Layers left out of `layers=` are plain
-`DynamicLayer`s (K, V, standard attention).
+cropping, beam reordering and batch selection act on A as they act on V. Layers left out of `ka_layers=` are plain
+`DynamicLayer`s (K, V, standard attention). Offloading (`offloading=True`) moves K and A of each layer to the CPU
+once its attention has stored its outputs, and brings the next layer back ahead of time, as `DynamicCache` does.
 
 The attention itself lives in `ka_hf.integration`; this module only stores tensors and checks that the cache is
 used consistently.
 """
 
+import operator
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, get_layer_types_and_kwargs
 
 from .errors import KAError
 from .ops import DEFAULT_BLOCK_SIZE, check_kernel, expand_kv_heads
@@ -63,6 +65,15 @@ def _keep_rows(tensor: torch.Tensor, buffer: torch.Tensor | None, head: int, tai
     return torch.cat([tensor[..., :head, :], tensor[..., n_rows - tail :, :]], dim=-2)
 
 
+def _moved(tensor: torch.Tensor, buffer: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`tensor` on `device`, its growth buffer there): a tensor that is the prefix view of its buffer moves with the
+    buffer, so appending after a move still writes in place; any other tensor moves alone and loses its buffer."""
+    if buffer is not None and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride():
+        buffer = buffer.to(device, non_blocking=True)
+        return buffer[..., : tensor.shape[-2], :], buffer
+    return tensor.to(device, non_blocking=True), None
+
+
 class KALayer(DynamicLayer):
     """One KA layer: `keys` (B, H_kv, T, d) and `values` = attention outputs A (B, H_q, T, d_v).
 
@@ -85,6 +96,7 @@ class KALayer(DynamicLayer):
         return self.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """HF's layer signature; extra arguments (`cache_kwargs`, transformers' `kwargs=`) carry nothing KA needs."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pending:
@@ -121,15 +133,49 @@ class KALayer(DynamicLayer):
             self.values[..., n_past:, :] = outputs  # no copy of the past: a decode step writes one row
         self.pending = 0
 
+    def offload(self) -> None:
+        """K and A (with their spare rows) to the CPU, as `DynamicLayer.offload` moves K and V."""
+        if self.is_initialized:
+            self._move_to("cpu", "offload")
+
+    def prefetch(self) -> None:
+        """K and A back to the layer's device ahead of their use (`DynamicLayer.prefetch`)."""
+        if self.is_initialized and self.keys.device != self.device:
+            self._move_to(self.device, "prefetch")
+
+    def _move_to(self, device, what: str) -> None:
+        self._check_not_pending(what)  # the attention still has to read and write this layer's A
+        self.keys, self._key_buffer = _moved(self.keys, self._key_buffer, device)
+        self.values, self._value_buffer = _moved(self.values, self._value_buffer, device)
+
     def reset(self) -> None:
         self.pending = 0
         self._key_buffer = self._value_buffer = None
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
+        self._check_not_pending("crop")
+        super().crop(tokens_to_remove)  # keys, values stay prefix views of their buffers: appending reuses them
+
+    # Beam search and batch edits make new tensors: drop the old buffers so they do not hold memory.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._check_not_pending("reorder_cache")
+        super().reorder_cache(beam_idx)
+        self._key_buffer = self._value_buffer = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._check_not_pending("batch_repeat_interleave")
+        super().batch_repeat_interleave(repeats)
+        self._key_buffer = self._value_buffer = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_not_pending("batch_select_indices")
+        super().batch_select_indices(indices)
+        self._key_buffer = self._value_buffer = None
+
+    def _check_not_pending(self, what: str) -> None:
         if self.pending:
-            raise RuntimeError("KACache.crop called between a key update and its outputs")
-        super().crop(tokens_to_remove)
+            raise RuntimeError(f"KACache.{what} called between a key update and its attention outputs")
 
 
 class KAWindowLayer(KALayer):
@@ -140,6 +186,8 @@ class KAWindowLayer(KALayer):
     own sliding-window layers (Mistral, Qwen2, Gemma-2's local layers) are window layers with no sinks: for them
     this is exact and equal to keeping the whole history, as `DynamicSlidingWindowLayer` is for K, V.
     """
+
+    is_sliding = True  # bounded, like DynamicSlidingWindowLayer (offload_only_non_sliding keeps it on its device)
 
     def __init__(
         self, window: int, sink: int = 0, num_query_heads: int | None = None, holds: str = "outputs", **kwargs
@@ -175,6 +223,11 @@ class KAWindowLayer(KALayer):
         self.values = _keep_rows(self.values, self._value_buffer, n_sinks, tail)
         self.positions = torch.cat([self.positions[:n_sinks], self.positions[n_rows - tail :]])
 
+    @property
+    def is_croppable(self) -> bool:
+        """crop can restore any earlier state only until the window has evicted a token."""
+        return self.positions is None or self.positions.numel() == self.cumulative_length
+
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
@@ -198,14 +251,6 @@ class KAWindowLayer(KALayer):
         if self.positions is not None:
             self.positions = self.positions[: self.cumulative_length]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._key_buffer = self._value_buffer = None
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._key_buffer = self._value_buffer = None
-
 
 @dataclass(frozen=True)
 class ModelSignature:
@@ -228,16 +273,18 @@ class ModelSignature:
 
 
 class KACache(Cache):
-    attends_values = False  # a KVWindowCache runs standard attention over its cached values
-
     """A cache of keys and attention outputs (K, A) for exact KA inference with any supported HF model.
 
-        model.generate(**inputs, cache=KACache())    # past_key_values= also works (transformers warns)
+        model.generate(**inputs, cache=KACache(config=model.config))    # or KACache(): layers made on first use
 
     Args:
+        config: the model's config (as for `DynamicCache(config=...)`): the layers are built up front — KA layers,
+            KV layers for the layers left out of `ka_layers`, window layers for the model's own sliding-window
+            layers — and the cache is bound to that model. Without it the same layers are made at the first
+            forward.
         prefill: "ka" (default) computes the prompt with exact KA (parallel solve); "standard" computes it with
             standard attention and caches its outputs as A, then generates with KA (the ka-hybrid mode).
-        layers: indices of the layers that use KA (None = all). The others keep K, V and standard attention.
+        ka_layers: indices of the layers that use KA (None = all). The others keep K, V and standard attention.
         adapter: optional plan-1 adapter: an object with `map_outputs(layer_idx, outputs) -> outputs'`; cached
             outputs are mapped by it where they serve as values.
         variant: "ka" (exact KA, KA-SPEC §2) or "plan2" (the original project's plan 2; see docs/plan2.md:
@@ -249,18 +296,29 @@ class KACache(Cache):
             `window - 1`; a token attends to the sinks and to the tokens less than `window` positions back (itself
             included). None (default) keeps everything. A model's own sliding-window layers always keep only their
             window (that is exact).
+        layers: HF's `Cache(layers=...)`: ready-made layer objects, one per model layer (`KALayer` for KA,
+            `DynamicLayer` for standard attention). Instead of `ka_layers`, `window` and `config`'s layer types.
+        offloading, offload_only_non_sliding: as in `DynamicCache`: keep each layer's K and A on the CPU except
+            while its attention runs, prefetching the next layer (on CUDA, on a side stream).
     """
+
+    attends_values = False  # a KVWindowCache runs standard attention over its cached values
 
     def __init__(
         self,
+        config=None,
+        *,
         prefill: str = "ka",
-        layers=None,
+        ka_layers=None,
         adapter=None,
         variant: str = "ka",
         block_size: int | None = DEFAULT_BLOCK_SIZE,
         kernel: str = "auto",
         window: int | None = None,
         sink: int = 0,
+        layers: list | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = False,
     ):
         if prefill not in PREFILL_MODES:
             raise KAError(f"KACache(prefill={prefill!r}): use one of {PREFILL_MODES}")
@@ -272,9 +330,10 @@ class KACache(Cache):
             raise KAError(f"KACache(window={window!r}): use a positive number of tokens, or None for no window")
         if not isinstance(sink, int) or sink < 0 or (sink and window is None):
             raise KAError(f"KACache(sink={sink!r}): sinks are a count of first tokens kept beside a window=")
-        super().__init__(layers=[])
+        given = _given_layers(layers, ka_layers, window)
+        super().__init__(layers=given or [], offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         self.prefill = prefill
-        self.ka_layers = None if layers is None else frozenset(int(i) for i in layers)
+        self.ka_layers = _layer_indices(ka_layers) if given is None else _ka_indices(given)
         self.adapter = adapter
         self.variant = variant
         self.block_size = block_size
@@ -283,22 +342,25 @@ class KACache(Cache):
         self.signature: ModelSignature | None = None
         self._bound_config = None
         self._native_windows: list[int | None] = []
+        self._layers_given = given is not None
+        if config is not None:
+            self.bind(config)
 
     def __repr__(self):
         layers = "all" if self.ka_layers is None else sorted(self.ka_layers)
         window = "" if self.window is None else f", window={self.window}, sink={self.sink}"
         return (
-            f"KACache(prefill={self.prefill!r}, layers={layers}, variant={self.variant!r}, kernel={self.kernel!r}"
-            f"{window}, seq_len={self.get_seq_length()})"
+            f"{type(self).__name__}(prefill={self.prefill!r}, ka_layers={layers}, variant={self.variant!r}, "
+            f"kernel={self.kernel!r}{window}, seq_len={self.get_seq_length()})"
         )
 
     def is_ka_layer(self, layer_idx: int) -> bool:
         return self.ka_layers is None or layer_idx in self.ka_layers
 
     def bind(self, config) -> None:
-        """Tie the cache to the first model that uses it; refuse any other model afterwards — another shape always,
-        and another model object (its own config object: another checkpoint, even of the same shape) while the
-        cache holds states. An empty cache may be bound again."""
+        """Tie the cache to the first model that uses it (or to `config=`); refuse any other model afterwards —
+        another shape always, and another model object (its own config object: another checkpoint, even of the
+        same shape) while the cache holds states. An empty cache may be bound again."""
         if config is self._bound_config:  # every layer of every step asks: answer the common case at once
             return
         signature = ModelSignature.of(config)
@@ -310,22 +372,41 @@ class KACache(Cache):
                 )
             self.signature = None  # empty: bind again to this model
         if self.signature is None:
-            bad = sorted(i for i in (self.ka_layers or ()) if not 0 <= i < signature.num_layers)
-            if bad:
-                raise KAError(
-                    f"KACache(layers=...) names layers {bad}, but the model has {signature.num_layers} layers"
-                )
+            self._check_layers_fit(signature)
             self.signature = signature
             self._bound_config = config
             self._native_windows = _native_windows(config)
+            self._build_layers()
         elif signature != self.signature:
             raise KAError(
                 f"This KACache holds the states of another model ({self.signature}); it cannot be reused with "
                 f"{signature}. Create a new KACache() for each model."
             )
 
+    def _check_layers_fit(self, signature: "ModelSignature") -> None:
+        bad = sorted(i for i in (self.ka_layers or ()) if not 0 <= i < signature.num_layers)
+        if bad and not self._layers_given:
+            raise KAError(f"KACache(ka_layers=...) names layers {bad}, but the model has {signature.num_layers} layers")
+        if self._layers_given and len(self.layers) != signature.num_layers:
+            raise KAError(
+                f"KACache(layers=...) holds {len(self.layers)} layer objects, but the model has "
+                f"{signature.num_layers} layers: give one per layer"
+            )
+
+    def _build_layers(self) -> None:
+        """All layers at once, on binding (an empty cache): at construction with `config=`, as DynamicCache does,
+        else at the first forward. Given layers are kept; their KA layers learn the model's query heads."""
+        if self._layers_given:
+            for layer in self.layers:
+                if isinstance(layer, KALayer) and layer.num_query_heads is None:
+                    layer.num_query_heads = self.signature.num_heads
+        else:
+            self.layers = [self._new_layer(i) for i in range(self.signature.num_layers)]
+
     def _new_layer(self, layer_idx: int):
         if not self.is_ka_layer(layer_idx):
+            # A KV layer keeps everything, even on a sliding-window layer: HF sizes one sliding mask for every
+            # sliding layer of the cache, and the KA window layers read that mask over all positions.
             return DynamicLayer()
         native = self._native_windows[layer_idx] if layer_idx < len(self._native_windows) else None
         windows = [w for w in (self.window, native) if w is not None]
@@ -334,10 +415,12 @@ class KACache(Cache):
             return KAWindowLayer(window=min(windows), sink=sink, num_query_heads=self.signature.num_heads)
         return KALayer(num_query_heads=self.signature.num_heads)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        check_routed(self, layer_idx)
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer(len(self.layers)))
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's `Cache.update`. A KA layer stays on its device until `store_outputs` (its attention reads and
+        writes A after this returns); any other layer is offloaded here, as in `Cache.update`."""
+        check_routed(self, layer_idx)  # a routed call has bound the cache, so its layers exist
         layer = self.layers[layer_idx]
         cached = layer.get_seq_length()
         if cached and layer.keys.shape[0] != key_states.shape[0]:
@@ -345,7 +428,67 @@ class KACache(Cache):
                 f"KACache holds a batch of {layer.keys.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
                 "use a new KACache for a new batch."
             )
-        return layer.update(key_states, value_states, *args, **kwargs)
+        if self.offloading:
+            self._prefetch_after(layer_idx, key_states.device)
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if self.offloading and not isinstance(layer, KALayer):
+            self.offload(layer_idx, self.only_non_sliding)
+        return keys, values
+
+    def store_outputs(self, layer_idx: int, outputs: torch.Tensor) -> None:
+        """The attention's outputs for the tokens of the last update of `layer_idx`; then the layer may leave."""
+        self.layers[layer_idx].store_outputs(outputs)
+        if self.offloading:
+            self.offload(layer_idx, self.only_non_sliding)
+
+    def _prefetch_after(self, layer_idx: int, device: torch.device) -> None:
+        """Cache.update's prefetch step: wait for the layer brought in for this step, start bringing the next."""
+        if self.only_non_sliding and all(self.is_sliding):
+            return  # no layer is ever offloaded (and Cache.prefetch would find none to bring back)
+        if device.type == "cuda":  # the CPU has one stream: nothing to wait for
+            default_stream = torch.cuda.default_stream(device)
+            default_stream.wait_stream(self.prefetch_stream)
+            self.prefetch_stream.wait_stream(default_stream)  # the last offload's copies must finish first
+        self.prefetch(layer_idx + 1, self.only_non_sliding)
+
+
+def _given_layers(layers, ka_layers, window) -> list | None:
+    """HF's `layers=` (layer objects), checked; None when not given. Integers are the old KA-layer selection."""
+    if layers is None:
+        return None
+    layers = list(layers)
+    if any(_is_index(item) for item in layers):
+        raise KAError(
+            "KACache(layers=...) takes cache layer objects, as transformers' Cache(layers=...) does; to choose the "
+            f"layers that run KA by index, use KACache(ka_layers={layers!r})"
+        )
+    if not all(isinstance(item, CacheLayerMixin) for item in layers):
+        kinds = sorted({type(item).__name__ for item in layers if not isinstance(item, CacheLayerMixin)})
+        raise KAError(f"KACache(layers=...) takes cache layer objects (KALayer, DynamicLayer), got {kinds}")
+    if ka_layers is not None or window is not None:
+        raise KAError("KACache: give either layers= (ready-made layer objects) or ka_layers=/window=, not both")
+    return layers
+
+
+def _is_index(item) -> bool:
+    try:
+        operator.index(item)
+    except TypeError:
+        return False
+    return True
+
+
+def _layer_indices(ka_layers) -> frozenset[int] | None:
+    if ka_layers is None:
+        return None
+    if isinstance(ka_layers, (str, bytes)) or not all(_is_index(i) for i in ka_layers):
+        raise KAError(f"KACache(ka_layers={ka_layers!r}): use layer indices (ints), or None for every layer")
+    return frozenset(operator.index(i) for i in ka_layers)
+
+
+def _ka_indices(layers: list) -> frozenset[int]:
+    """The KA layers of a ready-made list: the ones that hold outputs."""
+    return frozenset(i for i, layer in enumerate(layers) if isinstance(layer, KALayer))
 
 
 class KVWindowCache(KACache):
@@ -358,10 +501,18 @@ class KVWindowCache(KACache):
 
     attends_values = True
 
-    def __init__(self, window: int, sink: int = 0):
+    def __init__(
+        self, window: int, sink: int = 0, *, config=None, offloading: bool = False, offload_only_non_sliding=False
+    ):
         if window is None:
             raise KAError("KVWindowCache(window=...) needs a window: for an unbounded KV cache use DynamicCache()")
-        super().__init__(window=window, sink=sink)
+        super().__init__(
+            config,
+            window=window,
+            sink=sink,
+            offloading=offloading,
+            offload_only_non_sliding=offload_only_non_sliding,
+        )
 
     def __repr__(self):
         return f"KVWindowCache(window={self.window}, sink={self.sink}, seq_len={self.get_seq_length()})"

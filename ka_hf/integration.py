@@ -70,9 +70,14 @@ def _check_supported(model) -> None:
 
 
 def enable_ka(
-    model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE, **record
+    model,
+    ka_layers=None,
+    variant: str = "ka",
+    kernel: str = "auto",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    **record,
 ):
-    """Make `model` run exact KA attention on `layers` (None = all) in every forward, with or without a cache.
+    """Make `model` run exact KA attention on `ka_layers` (None = all) in every forward, with or without a cache.
 
     `kernel` picks how KA is computed ("auto", "blocked", "parallel" or "loop"; see `ka_hf.ops.kernels`) and
     `block_size` how many tokens a block holds. The
@@ -82,9 +87,11 @@ def enable_ka(
     runtime setting (`ka_hf.KAConfig`). Returns the model.
     """
     _check_supported(model)
+    if "layers" in record:  # the former name: recorded as provenance it would silently put KA on every layer
+        raise KAError(f"enable_ka(layers=...) is now enable_ka(ka_layers={record['layers']!r})")
     setting = KAConfig(
         attention="ka",
-        layers=None if layers is None else [int(i) for i in layers],
+        ka_layers=None if ka_layers is None else [int(i) for i in ka_layers],
         variant=variant,
         kernel=kernel,
         block_size=block_size,
@@ -125,7 +132,7 @@ def _config_ka_within(model, set_section):
 
 
 def exact_ka(
-    model, layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE
+    model, ka_layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE
 ):
     """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
 
@@ -135,7 +142,7 @@ def exact_ka(
     kernel="loop" runs the token-by-token reference instead (slow; for checking).
     """
     return _config_ka_within(
-        model, lambda m: enable_ka(m, layers=layers, variant=variant, kernel=kernel, block_size=block_size)
+        model, lambda m: enable_ka(m, ka_layers=ka_layers, variant=variant, kernel=kernel, block_size=block_size)
     )
 
 
@@ -300,7 +307,7 @@ def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scal
             block_size=cache.block_size,
             kernel=cache.kernel,
         )
-    layer.store_outputs(outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
+    cache.store_outputs(layer_idx, outputs if adapter is None else adapter.map_outputs(layer_idx, outputs))
     return outputs
 
 
@@ -414,16 +421,33 @@ def _attention_lookup(original_get_interface):
     return get_interface
 
 
+# generate(cache_implementation=...) values a KA model can honour with a KACache (None: the default, dynamic).
+KA_CACHE_IMPLEMENTATIONS = (None, "dynamic", "offloaded")
+
+
 def _prepare_cache_with_ka_default(original):
-    """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache."""
+    """generate() on a model whose config asks for KA gets a KACache when the caller gave no cache, built from the
+    model's config as generate() builds its DynamicCache (`cache_implementation="offloaded"`: an offloading one)."""
 
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         spec = ka_spec(self.config)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            implementation = generation_config.cache_implementation
+            if implementation not in KA_CACHE_IMPLEMENTATIONS:
+                raise KAError(
+                    f"generate(cache_implementation={implementation!r}): this model runs KA, which caches attention "
+                    "outputs in a KACache; use 'dynamic' or 'offloaded', or pass cache=ka_hf.KACache(...)"
+                )
             model_kwargs["cache"] = KACache(
-                layers=spec.layers, variant=spec.variant, block_size=spec.block_size, kernel=spec.kernel
+                self.config.get_text_config(decoder=True),
+                ka_layers=spec.ka_layers,
+                variant=spec.variant,
+                block_size=spec.block_size,
+                kernel=spec.kernel,
+                offloading=implementation == "offloaded",
             )
+            generation_config.cache_implementation = None  # generate's own copy: it refuses a cache and a name
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare

@@ -186,11 +186,11 @@ def test_layer_subset():
     model = tiny_model("qwen2-gqa")
     input_ids = random_ids()
     with torch.no_grad():
-        cache = KACache(layers=[1])
+        cache = KACache(ka_layers=[1])
         subset = model(input_ids, past_key_values=cache, use_cache=True).logits
-        with exact_ka(model, layers=[1]):
+        with exact_ka(model, ka_layers=[1]):
             context = model(input_ids).logits
-        tokens, _ = chunked_logits(model, input_ids, chunk=1, layers=[1])
+        tokens, _ = chunked_logits(model, input_ids, chunk=1, ka_layers=[1])
     assert (subset - context).abs().max() < 1e-12 and (tokens - subset).abs().max() < 1e-10
     assert type(cache.layers[0]).__name__ == "DynamicLayer" and type(cache.layers[1]).__name__ == "KALayer"
 
@@ -263,7 +263,7 @@ def test_bad_options():
     with pytest.raises(KAError):
         KACache(prefill="magic")
     with pytest.raises(KAError, match="layers"):
-        tiny_model("gpt2")(random_ids(), past_key_values=KACache(layers=[7]), use_cache=True)
+        tiny_model("gpt2")(random_ids(), past_key_values=KACache(ka_layers=[7]), use_cache=True)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "qwen3"])

@@ -201,7 +201,7 @@ def test_ka_cache_block_sizes(name, block_size):
 
 @pytest.mark.parametrize("name", ["gpt2-layer-scale", "qwen2-sliding", "gemma2-softcap"])
 def test_ka_on_some_layers_only(name):
-    """KACache(layers=[1]) and exact_ka(model, layers=[1]): KA on layer 1, HF's own attention elsewhere (its
+    """KACache(ka_layers=[1]) and exact_ka(model, ka_layers=[1]): KA on layer 1, HF's own attention elsewhere (its
     eager softmax kept in float64, see float64_softmax)."""
     model = make(name, FEATURE_MODELS[name][1][0])
     input_ids, padding, positions = batch()
@@ -211,14 +211,14 @@ def test_ka_on_some_layers_only(name):
             input_ids,
             attention_mask=padding,
             position_ids=positions,
-            past_key_values=KACache(layers=[1]),
+            past_key_values=KACache(ka_layers=[1]),
             use_cache=True,
         ).logits
-        with exact_ka(model, layers=[1]):
+        with exact_ka(model, ka_layers=[1]):
             context = model(input_ids, attention_mask=padding, position_ids=positions).logits
-        tokens = chunked(model, input_ids, 1, padding, positions, layers=[1])
-    assert_close(whole, expected, padding.bool(), what="KACache(layers=[1])")
-    assert_close(context, expected, padding.bool(), what="exact_ka(layers=[1])")
+        tokens = chunked(model, input_ids, 1, padding, positions, ka_layers=[1])
+    assert_close(whole, expected, padding.bool(), what="KACache(ka_layers=[1])")
+    assert_close(context, expected, padding.bool(), what="exact_ka(ka_layers=[1])")
     assert_close(tokens, expected, padding.bool(), what="token by token")
 
 

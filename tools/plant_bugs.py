@@ -174,7 +174,7 @@ BUGS = [
     ),
     Bug(
         "layer-subset-ignored",
-        "KACache(layers=...) runs KA on every layer",
+        "KACache(ka_layers=...) runs KA on every layer",
         "ka_hf/integration.py",
         (('kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"', 'kind = "ka"'),),
     ),

@@ -129,13 +129,13 @@ def _rows(tensor, keep):
 
 
 def kl_to_standard(
-    model, adapter: KAAdapter | None, input_ids, attention_mask=None, teacher_logits=None, layers=None
+    model, adapter: KAAdapter | None, input_ids, attention_mask=None, teacher_logits=None, ka_layers=None
 ) -> torch.Tensor:
     """Mean over (unpadded) tokens of KL(standard-attention logits || KA(+adapter) logits) of `model`."""
     if teacher_logits is None:
         with torch.no_grad():
             teacher_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    cache = KACache(layers=layers, adapter=adapter)
+    cache = KACache(ka_layers=ka_layers, adapter=adapter)
     student_logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache).logits
     kl = F.kl_div(
         F.log_softmax(student_logits.float(), -1),
@@ -150,7 +150,7 @@ def kl_to_standard(
 
 
 def distill_adapter(
-    model, adapter: KAAdapter, batches, steps: int, lr: float = 1e-3, layers=None, progress: bool = True
+    model, adapter: KAAdapter, batches, steps: int, lr: float = 1e-3, ka_layers=None, progress: bool = True
 ) -> list[dict]:
     """Train the adapter (model frozen) to minimize KL(standard logits || KA+adapter logits) for `steps` steps.
 
@@ -173,7 +173,7 @@ def distill_adapter(
         input_ids, attention_mask = batches[step % len(batches)]
         input_ids = input_ids.to(device)
         attention_mask = None if attention_mask is None else attention_mask.to(device)
-        loss = kl_to_standard(model, adapter, input_ids, attention_mask, layers=layers)
+        loss = kl_to_standard(model, adapter, input_ids, attention_mask, ka_layers=ka_layers)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

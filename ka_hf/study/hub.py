@@ -294,7 +294,7 @@ def model_summary(model_dir: Path) -> dict:
                 parameters += math.prod(tensor.get_shape())
                 dtype = dtype or tensor.get_dtype()
     setting = KAConfig.from_model_config(config) or KAConfig(attention="standard")
-    layers = setting.layers
+    layers = setting.ka_layers
     layers_text = "every layer" if layers is None else f"layers {', '.join(map(str, layers))} (standard elsewhere)"
     return dict(
         config=config,

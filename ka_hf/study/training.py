@@ -307,7 +307,7 @@ def set_attention(model, config: TrainConfig, record: dict) -> None:
     """config.ka: KA on the layers and variant trained with, or standard; the training record goes to the
     model's provenance (config.ka_provenance["training"])."""
     if config.attention == "ka":
-        enable_ka(model, layers=config.ka_layers, variant=config.variant, training=record)
+        enable_ka(model, ka_layers=config.ka_layers, variant=config.variant, training=record)
     else:
         disable_ka(model)
         record_provenance(model.config, training=record)

@@ -5,7 +5,7 @@
     ka-hybrid   KACache(prefill="standard")  the window's context (unscored) tokens, or else its first token, are
                                              a prompt computed with standard attention (outputs cached as A);
                                              the rest is fed through the KA cache
-    ka@LAYERS   KACache(layers=[...])        exact KA on those layers, standard attention on the others
+    ka@LAYERS   KACache(ka_layers=[...])     exact KA on those layers, standard attention on the others
     ka+adapter  KACache(adapter=...)         exact KA with a learned map f of cached outputs (plan 1)
     kv-window@W+S  KVWindowCache(W, S)       standard attention over the (K, V) of the first S and last W - 1 tokens
     ka-window@W+S  KACache(window=W, sink=S) exact KA over the (K, A) of the first S and last W - 1 tokens
@@ -34,7 +34,7 @@ DEFINITIONS = {
         "are not scored; if there are none, the first token) are a prompt computed with standard attention and "
         "cached as A; the remaining tokens are fed through the KA cache"
     ),
-    "ka@LAYERS": "exact KA on the listed layers only (KACache(layers=[...])), standard attention elsewhere",
+    "ka@LAYERS": "exact KA on the listed layers only (KACache(ka_layers=[...])), standard attention elsewhere",
     "ka+adapter": "exact KA with the plan-1 adapter f applied to cached outputs (KACache(adapter=...))",
     "kv-window": (
         "standard attention with a bounded cache, ka_hf.KVWindowCache(window={window}, sink={sink}): each token "
@@ -85,7 +85,7 @@ class Mode:
         if self.layers is None:
             return DEFINITIONS[self.kind]
         if self.kind == "ka":
-            return f"exact KA on layers {list(self.layers)} only, standard attention elsewhere (KACache(layers=...))"
+            return f"exact KA on layers {list(self.layers)} only, standard attention elsewhere (KACache(ka_layers=...))"
         return f"{DEFINITIONS[self.kind]}; KA on layers {list(self.layers)} only, standard attention on the others"
 
     def new_cache(self, adapter=None):
@@ -100,7 +100,7 @@ class Mode:
             raise KAError(f"mode {self.name} needs an adapter: pass --adapter DIR")
         return KACache(
             prefill="standard" if self.kind == "ka-hybrid" else "ka",
-            layers=None if self.layers is None else list(self.layers),
+            ka_layers=None if self.layers is None else list(self.layers),
             adapter=adapter if self.needs_adapter else None,
         )
 
