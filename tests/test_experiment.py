@@ -73,6 +73,8 @@ def test_report_tables_are_filled_from_this_run(study):
     degradation = (standard["ka"]["ppl"] / standard["kv"]["ppl"] - 1) * 100
     assert record["findings"]["ka_cache_degradation_pct"] == pytest.approx(degradation)
     assert len(record["layer_sweep"]) == 2 and record["layer_sweep"][-1]["ppl"] == pytest.approx(standard["ka"]["ppl"])
+    scored = record["inference"]["standard"] + record["inference"]["ka"] + record["layer_sweep"]
+    assert len({(r["scored_tokens"], r["targets_checksum"]) for r in scored}) == 1  # every model x mode, same targets
     assert all(len(record["training"][a]["epochs"]) >= 1 for a in ("standard", "ka"))
     assert set(record["reversal"]["standard"]) >= {"kv", "ka"}
 

@@ -45,8 +45,8 @@ METHOD_DESCRIPTIONS = {
 }
 # Where the scalar totals sit after the per-position sums in the gathered vector.
 _SCALARS = ("seconds", "decode_seconds", "decode_tokens", "peak_memory_bytes", "targets_checksum")
-# targets_checksum is a sum modulo this prime of per-target hashes below it: every partial sum is an integer under
-# 2**32, exact in the float64 vector that is gathered.
+# targets_checksum is a sum modulo this prime of per-target hashes below it: each process's checksum is an integer
+# under 2**31, so the sum of the gathered float64 rows stays exact (up to 2**22 processes).
 _CHECKSUM_PRIME = 2**31 - 1
 
 
