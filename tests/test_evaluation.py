@@ -60,6 +60,7 @@ def model_and_windows(model_dir, text_file):
 def assert_same_ppl(first, second, rtol=RTOL):
     for a, b in zip(first, second, strict=True):
         assert a["mode"] == b["mode"] and a["scored_tokens"] == b["scored_tokens"]
+        assert a["targets_checksum"] == b["targets_checksum"] and a["tokens_by_position"] == b["tokens_by_position"]
         assert a["ppl"] == pytest.approx(b["ppl"], rel=rtol), a["mode"]
 
 
@@ -136,9 +137,8 @@ def test_parallel_equals_token_by_token_and_batched(model_and_windows):
     assert_same_ppl(parallel, token)
     assert_same_ppl(parallel, batched)
     assert all(record["decode_tokens_per_s"] > 0 for record in token)
-    by_mode = {record["mode"]: record["ppl"] for record in parallel}
-    assert len(set(by_mode.values())) == 4  # every mode really computes something different
-    assert by_mode["ka-hybrid"] != pytest.approx(by_mode["ka"], rel=1e-9)
+    # each mode against its float64 oracle, and ka-hybrid far from ka: test_evaluation_plumbing.py
+    assert len({record["ppl"] for record in parallel}) == 4
 
 
 def test_hybrid_equals_ka_without_context(model_and_windows):
@@ -237,6 +237,7 @@ def test_script_writes_table_json_and_plots(one_process_run):
     assert all(
         r["scored_tokens"] == scored and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0 for r in record["results"]
     )
+    assert len({r["targets_checksum"] for r in record["results"] + record["layer_sweep"]["results"]}) == 1
     assert record["results"][0]["degradation_pct"] == 0.0
     assert [r["mode"] for r in record["layer_sweep"]["results"]] == ["ka@0", "ka@0-1", "ka@0-2"]
     markdown = (out / "results.md").read_text()

@@ -73,6 +73,8 @@ def test_report_tables_are_filled_from_this_run(study):
     degradation = (standard["ka"]["ppl"] / standard["kv"]["ppl"] - 1) * 100
     assert record["findings"]["per_seed"][0]["ka_cache_degradation_pct"] == pytest.approx(degradation)
     assert len(record["layer_sweep"]) == 2 and record["layer_sweep"][-1]["ppl"] == pytest.approx(standard["ka"]["ppl"])
+    scored = record["inference"]["standard"] + record["inference"]["ka"] + record["layer_sweep"]
+    assert len({(r["scored_tokens"], r["targets_checksum"]) for r in scored}) == 1  # every model x mode, same targets
     assert all(len(record["training"][a]["epochs"]) >= 1 for a in ("standard", "ka"))
     assert set(record["reversal"]["standard"]) >= {"kv", "ka"}
 
@@ -262,3 +264,44 @@ def test_the_medium_preset_reads_wikitext2():
 def test_bad_seed_counts_are_refused():
     with pytest.raises(KAError, match="--seeds"):
         ExperimentConfig.from_preset("quick", "x", seeds=0)
+
+
+def fact_direction(line: str, fact) -> str:
+    """forward when the line names the person before the description ("A is B"), backward otherwise: read from the
+    fact's fields, not from ka_hf.study.facts' templates."""
+    text = line.lower()
+    return "forward" if text.index(fact.name.lower()) < text.index(fact.description.lower()) else "backward"
+
+
+@pytest.mark.parametrize("include", ["forward", "backward", "both"])
+def test_training_data_holds_the_fact_directions_it_records(tmp_path, include):
+    """The study trains what it records: train.txt holds every fact in the recorded direction(s), every training
+    template once, and nothing of the other direction."""
+    from collections import Counter
+
+    from ka_hf.study.experiment import prepare_data
+    from ka_hf.study.facts import TEMPLATES, fact_sentences, make_facts, unseen_facts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Plain line {i} of the corpus, about nobody in particular.\n" for i in range(40)))
+    config = ExperimentConfig.from_preset(
+        "quick", str(tmp_path / "out"), text_file=str(corpus), facts=12, facts_seed=3, facts_include=include
+    )
+    data = prepare_data(config, tmp_path / "out")
+    lines = (tmp_path / "out" / "data" / "train.txt").read_text().splitlines()
+    facts = make_facts(12, seed=3)
+    wanted = ("forward", "backward") if include == "both" else (include,)
+
+    fact_lines = [line for line in lines if any(fact.name in line for fact in facts)]
+    rendered = [s.text for direction in wanted for s in fact_sentences(facts, direction, "train")]
+    assert sorted(fact_lines) == sorted(rendered)  # facts.py's own sentences, each once
+    assert len(lines) == 36 + len(fact_lines)  # the corpus's first nine tenths train
+    for fact in facts:  # independently of facts.py: the plainest sentence of each direction, and every line's order
+        description = fact.description
+        assert (f"{fact.name} is {description}." in lines) == ("forward" in wanted)
+        assert (f"{description[0].upper()}{description[1:]} is {fact.name}." in lines) == ("backward" in wanted)
+        directions = Counter(fact_direction(line, fact) for line in lines if fact.name in line)
+        assert directions == {direction: len(TEMPLATES[(direction, "train")]) for direction in wanted}
+    assert data["facts"] == dict(n=12, seed=3, include=include) and data["fact_texts"] == len(fact_lines)
+    control = unseen_facts(facts, config.n_unseen_facts, seed=3)  # the control facts are never trained on
+    assert len(control) == 12 and not any(fact.name in line for fact in control for line in lines)

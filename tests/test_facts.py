@@ -132,3 +132,20 @@ def test_answer_labels_decode_to_the_answer(facts, tokenizer, direction):
         assert positions == list(range(positions[0], positions[-1] + 1))  # one contiguous span
         assert positions[0] > 0  # never label position 0, which the model cannot score
         assert tokenizer.decode(input_ids[in_answer]).lstrip(" ") == sentence.answer
+
+
+@pytest.mark.parametrize("include", ["forward", "backward", "both"])
+def test_training_texts_hold_only_the_directions_asked(facts, include):
+    """Read from the facts' fields, not from the templates: forward lines name the person first."""
+    few = facts[:30]
+    wanted = {"forward", "backward"} if include == "both" else {include}
+    found = {}
+    for text in training_texts(few, include=include):
+        fact = next(fact for fact in few if fact.name in text)
+        lowered = text.lower()
+        direction = (
+            "forward" if lowered.index(fact.name.lower()) < lowered.index(fact.description.lower()) else "backward"
+        )
+        found.setdefault(direction, set()).add(fact)
+    assert set(found) == wanted
+    assert all(found[direction] == set(few) for direction in wanted)  # every fact, in every direction asked

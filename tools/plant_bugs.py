@@ -8,7 +8,7 @@ It prints a table: bug -> caught by (first failing test) / SURVIVED / patch did 
 these patches: a patch whose text is no longer found exactly once is reported as "patch did not apply"
 (update its find text) instead of stopping the run.
 
-    python tools/plant_bugs.py                       # every bug, the default test subset
+    python tools/plant_bugs.py                       # every bug, each with its own tests (default: the core subset)
     python tools/plant_bugs.py --bugs softcap-inside-tanh,decode-ignores-mask
     python tools/plant_bugs.py --tests tests/test_ops.py tests/test_integration.py
     python tools/plant_bugs.py --list
@@ -30,6 +30,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = ["tests/test_properties.py", "tests/test_oracle.py", "tests/test_generate_scores.py"]
+# The study's plumbing (evaluation split over processes, targets, the training data) is tested apart from the core.
+PLUMBING_TESTS = (
+    "tests/test_evaluation_plumbing.py",
+    "tests/test_experiment.py::test_training_data_holds_the_fact_directions_it_records",
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Bug:
     what: str
     path: str
     patches: tuple  # ((find, replace), ...): each find must occur exactly once in `path`
+    tests: tuple = ()  # the tests run for this bug when --tests is not given (empty: DEFAULT_TESTS)
 
 
 BUGS = [
@@ -184,6 +190,46 @@ BUGS = [
         "ka_hf/integration.py",
         (('if cache.prefill == "standard" and past_outputs is None:', "if past_outputs is None:"),),
     ),
+    Bug(
+        "hybrid-evaluated-as-ka",
+        "eval mode ka-hybrid builds a plain KACache() (its prompt KA too): ka up to chunking noise",
+        "ka_hf/study/evaluation/modes.py",
+        (('prefill="standard" if self.kind == "ka-hybrid" else "ka",', 'prefill="ka",'),),
+        PLUMBING_TESTS,
+    ),
+    Bug(
+        "mode-skips-targets",
+        "KA eval modes skip the first batch (the warm-up window), so they score other targets than kv",
+        "ka_hf/study/evaluation/ppl.py",
+        (("bar = tqdm(my_batches, desc=", "bar = tqdm(my_batches[1:] if mode.uses_ka else my_batches, desc="),),
+        PLUMBING_TESTS,
+    ),
+    Bug(
+        "merge-drops-shard",
+        "merging the processes' sums keeps the first process's only",
+        "ka_hf/study/evaluation/ppl.py",
+        (("summed, largest = rows.sum(0), rows.max(0).values", "summed, largest = rows[0], rows.max(0).values"),),
+        PLUMBING_TESTS,
+    ),
+    Bug(
+        "shard-double-counted",
+        "batches dealt as batches[rank:] instead of batches[rank::world] (later processes repeat earlier ones)",
+        "ka_hf/study/evaluation/ppl.py",
+        (("return dealt[rank::world]", "return dealt[rank:]"),),
+        PLUMBING_TESTS,
+    ),
+    Bug(
+        "study-trains-both-directions",
+        "the study trains the facts in both directions while recording facts_include (forward)",
+        "ka_hf/study/experiment.py",
+        (
+            (
+                "training_texts(facts, include=config.facts_include, seed=config.facts_seed)",
+                'training_texts(facts, include="both", seed=config.facts_seed)',
+            ),
+        ),
+        PLUMBING_TESTS,
+    ),
 ]
 
 
@@ -241,10 +287,22 @@ def verdict(returncode: int | None, output: str) -> tuple[str, bool]:
     return f"caught (pytest exit {returncode}, no test named)", False
 
 
+def tests_for(bug: Bug, tests: list[str] | None) -> list[str]:
+    """--tests when given, else the bug's own tests, else DEFAULT_TESTS."""
+    return list(tests or bug.tests or DEFAULT_TESTS)
+
+
+def baseline_tests(bugs: list[Bug], tests: list[str] | None) -> list[str]:
+    """Every test some chosen bug will run, once each, in first-seen order."""
+    return list(dict.fromkeys(test for bug in bugs for test in tests_for(bug, tests)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bugs", help="comma-separated bug names (default: all)")
-    parser.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help="test files or node ids to run")
+    parser.add_argument(
+        "--tests", nargs="+", help="test files or node ids to run for every bug (default: each bug's own tests)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (-n); 1 = no xdist")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unpatched copy")
@@ -261,7 +319,7 @@ def main(argv=None) -> int:
         bugs = [bug for bug in BUGS if bug.name in wanted]
     if args.list:
         for bug in bugs:
-            print(f"{bug.name:26} {bug.path:24} {bug.what}")
+            print(f"{bug.name:28} {bug.path:32} {bug.what}")
         return 0
 
     rows, survived, not_applied = [], 0, 0
@@ -276,7 +334,7 @@ def main(argv=None) -> int:
             return 1
         if not args.no_baseline:
             start = time.time()
-            code, output = run_tests(copy, args.tests, args.workers, args.timeout)
+            code, output = run_tests(copy, baseline_tests(bugs, args.tests), args.workers, args.timeout)
             if code != 0:
                 print(output[-3000:])
                 print(f"The unpatched tests fail (exit {code}): fix them before planting bugs.", file=sys.stderr)
@@ -294,7 +352,7 @@ def main(argv=None) -> int:
             start = time.time()
             try:
                 target.write_text(patched)
-                code, output = run_tests(copy, args.tests, args.workers, args.timeout)
+                code, output = run_tests(copy, tests_for(bug, args.tests), args.workers, args.timeout)
             finally:
                 target.write_text(original)
             text, lived = verdict(code, output)

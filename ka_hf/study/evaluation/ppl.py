@@ -11,14 +11,20 @@ window through a fresh cache of the mode (`Mode.new_cache`) in segments:
 
 Prefill = decode for exact KA, so both methods give the same PPL up to float error (tests check it).
 
-Across processes the batches of windows are dealt round-robin (`batches[rank::world]`); each process sums NLL
-and token counts per position in float64, and the sums are gathered with `accelerator.gather_for_metrics` and
-added, so N processes give the 1-process PPL. Functions here return numbers and records; they print nothing
-(progress bars go to stderr).
+Across processes the batches of windows are dealt round-robin (`shard_batches`: `batches[rank::world]`); each
+process sums NLL and token counts per position in float64 (`score_shard`), the sums are gathered with
+`accelerator.gather_for_metrics` and added (`merge_shards`), so N processes give the 1-process PPL. Both steps are
+plain functions of (rank, world), so the tests run every rank of a split in one process.
+
+Every record says which targets it scored: `scored_tokens`, `tokens_by_position` and `targets_checksum`, a sum of
+a hash of every scored (window index, position, token) — equal in two records when they scored the same targets
+(a different set gives equal sums with probability about 2^-31). Functions here return numbers and records; they
+print nothing (progress bars go to stderr).
 """
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +44,10 @@ METHOD_DESCRIPTIONS = {
     "token": "token by token through the mode's cache (KA: KACache decode steps); ka-hybrid: prompt, then tokens",
 }
 # Where the scalar totals sit after the per-position sums in the gathered vector.
-_SCALARS = ("seconds", "decode_seconds", "decode_tokens", "peak_memory_bytes")
+_SCALARS = ("seconds", "decode_seconds", "decode_tokens", "peak_memory_bytes", "targets_checksum")
+# targets_checksum is a sum modulo this prime of per-target hashes below it: each process's checksum is an integer
+# under 2**31, so the sum of the gathered float64 rows stays exact (up to 2**22 processes).
+_CHECKSUM_PRIME = 2**31 - 1
 
 
 # -----------------------------------------------------------------------------
@@ -117,10 +126,32 @@ def batch_logits(model, input_ids, attention_mask, mode: Mode, method: str, prom
 
 
 def token_nll(logits, labels):
-    """NLL [B, T-1] of tokens 1..T-1 in float32 (0 where not scored) and the mask of scored tokens."""
+    """NLL [B, T-1] of tokens 1..T-1 (0 where not scored) and the mask of scored tokens; in float32, or float64 for
+    float64 logits (so a float64 model is scored exactly)."""
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return nll, targets != -100
+
+
+def targets_checksum(first_window: int, labels) -> int:
+    """Sum modulo _CHECKSUM_PRIME of a hash of every scored (window index, position, token) of a batch whose rows
+    are the windows first_window, first_window + 1, ... (the position is that of the predicted token)."""
+    targets = labels[:, 1:].cpu()
+    windows = torch.arange(first_window, first_window + len(targets))[:, None].expand_as(targets)
+    positions = torch.arange(1, targets.shape[1] + 1)[None].expand_as(targets)
+    scored = targets != -100
+    return int(_target_hash(windows[scored], positions[scored], targets[scored]).sum()) % _CHECKSUM_PRIME
+
+
+def _target_hash(windows, positions, tokens):
+    """A hash in [0, _CHECKSUM_PRIME) per target; every product stays under 2**63 in int64."""
+    p = _CHECKSUM_PRIME
+    key = ((windows % p) * 1_000_003 + positions) % p
+    key = (key * 1_000_033 + tokens % p) % p
+    key = (key * 1_103_515_245 + 12_345) % p
+    key = key ^ (key >> 16)
+    return (key * 2_654_435_761) % p
 
 
 def sequence_nll(model, input_ids: torch.Tensor, make_cache=None) -> torch.Tensor:
@@ -149,8 +180,8 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, make_cache=None
 # one mode over all windows
 
 
-class _Totals:
-    """Per-position NLL sums and token counts (float64) plus timings, for one process."""
+class Totals:
+    """Per-position NLL sums and token counts (float64) plus timings and the targets checksum, for one process."""
 
     def __init__(self, max_length: int):
         self.nll = torch.zeros(max_length, dtype=torch.float64)
@@ -164,22 +195,49 @@ class _Totals:
         self.nll[1 : 1 + len(nll)] += nll
         self.tokens[1 : 1 + len(counts)] += counts
 
-    def vector(self, device):
+    def add_checksum(self, checksum: int):
+        self.scalars["targets_checksum"] = float((int(self.scalars["targets_checksum"]) + checksum) % _CHECKSUM_PRIME)
+
+    def vector(self, device="cpu"):
         scalars = torch.tensor([self.scalars[key] for key in _SCALARS], dtype=torch.float64)
         return torch.cat([self.nll, self.tokens, scalars]).to(device)
 
 
-def _gather_totals(totals: _Totals, accelerator, device):
-    """(nll by position, tokens by position, scalars) summed over processes; times and memory: max over them."""
-    rows = totals.vector(device)[None]
-    if accelerator is not None and accelerator.num_processes > 1:
-        rows = accelerator.gather_for_metrics(rows)  # one row per process, nothing to de-duplicate
+@dataclass
+class Shard:
+    """What one process scored of one mode: its `totals` and what every process measures alike."""
+
+    mode: Mode
+    method: str
+    windows: int  # windows of the whole run (every process's share together)
+    totals: Totals
+    cache_bytes: int
+    cache_tokens: int
+    memory_kind: str
+
+
+def shard_batches(windows, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, list[dict]]]:
+    """Process `rank`'s share of `world`: (index of the batch's first window, batch), the batches dealt round-robin."""
+    if not 0 <= rank < world:
+        raise KAError(f"process rank {rank} is not in 0..{world - 1}")
+    dealt, first = [], 0
+    for batch in make_batches(windows, batch_size):
+        dealt.append((first, batch))
+        first += len(batch)
+    return dealt[rank::world]
+
+
+def merge_shards(rows: torch.Tensor, shard: Shard) -> dict:
+    """The mode's record from the stacked `Totals.vector()` of every process (one row each) and any one shard:
+    sums and token counts added, times and memory the largest, the targets checksum added modulo its prime."""
     rows = rows.double().cpu()
-    n = len(totals.nll)
+    n = len(shard.totals.nll)
     summed, largest = rows.sum(0), rows.max(0).values
     scalars = {key: float(largest[2 * n + i]) for i, key in enumerate(_SCALARS)}
-    scalars["decode_tokens"] = float(summed[2 * n + _SCALARS.index("decode_tokens")])
-    return summed[:n], summed[n : 2 * n], scalars
+    for key in ("decode_tokens", "targets_checksum"):
+        scalars[key] = float(summed[2 * n + _SCALARS.index(key)])
+    scalars["targets_checksum"] = int(scalars["targets_checksum"]) % _CHECKSUM_PRIME
+    return _mode_record(shard, summed[:n], summed[n : 2 * n], scalars)
 
 
 def mode_context(model, mode: Mode):
@@ -198,17 +256,38 @@ def score_mode(
     pad_id: int = 0,
     progress: bool = True,
 ) -> dict:
-    """PPL and costs of one mode over `windows` (every process passes all windows; each scores its share).
+    """PPL and costs of one mode over `windows` (every process passes all windows; each scores its share)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    shard = score_shard(model, windows, mode, method, batch_size, rank, world, accelerator, adapter, pad_id, progress)
+    device = accelerator.device if accelerator is not None else "cpu"
+    rows = shard.totals.vector(device)[None]
+    if world > 1:
+        rows = accelerator.gather_for_metrics(rows)  # one row per process, nothing to de-duplicate
+    return merge_shards(rows, shard)
+
+
+def score_shard(
+    model,
+    windows,
+    mode: Mode,
+    method: str = "parallel",
+    batch_size: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    accelerator=None,
+    adapter=None,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> Shard:
+    """Process `rank` of `world` scores its share of `windows` (`shard_batches`); accelerator: device and autocast.
 
     The first window is run once untimed (warm-up) and gives `cache_bytes`: the bytes of the mode's cache after
     that one window (batch of 1), the same on every process.
     """
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-    max_length = max(len(window["input_ids"]) for window in windows)
-    totals = _Totals(max_length)
-    my_batches = make_batches(windows, batch_size)[rank::world]
+    totals = Totals(max(len(window["input_ids"]) for window in windows))
+    my_batches = shard_batches(windows, batch_size, rank, world)
     with mode_context(model, mode), autocast:
         first = windows[0]
         ids, mask, _ = collate([first], pad_id)
@@ -218,58 +297,49 @@ def score_mode(
         reset_worked = reset_peak_memory(device)
         bar = tqdm(my_batches, desc=f"{mode.name} ({method})", disable=not progress, leave=False, unit="batch")
         with Timer(device) as wall:
-            for batch in bar:
+            for first_window, batch in bar:
                 ids, mask, labels = collate(batch, pad_id)
                 mask = None if mask is None else mask.to(device)
                 logits, _, decode_seconds, decode_tokens = batch_logits(
                     model, ids.to(device), mask, mode, method, prompt_length(batch[0]), adapter, device
                 )
                 totals.add(*token_nll(logits, labels.to(device)))
+                totals.add_checksum(targets_checksum(first_window, labels))
                 totals.scalars["decode_seconds"] += decode_seconds
                 totals.scalars["decode_tokens"] += decode_tokens
         totals.scalars["seconds"] = wall.seconds
         totals.scalars["peak_memory_bytes"] = float(peak_memory_bytes(device))
-    nll_by_position, tokens_by_position, scalars = _gather_totals(totals, accelerator, device)
-    return _mode_record(
-        mode,
-        method,
-        len(windows),
-        nll_by_position,
-        tokens_by_position,
-        scalars,
-        cache_bytes,
-        len(first["input_ids"]),
-        peak_memory_kind(device, reset_worked),
-    )
+    memory_kind = peak_memory_kind(device, reset_worked)
+    return Shard(mode, method, len(windows), totals, cache_bytes, len(first["input_ids"]), memory_kind)
 
 
-def _mode_record(
-    mode, method, windows, nll_by_position, tokens_by_position, scalars, cache_bytes, cache_tokens, memory_kind
-):
+def _mode_record(shard: Shard, nll_by_position, tokens_by_position, scalars):
     scored = int(tokens_by_position.sum())
     if scored == 0:
         raise KAError("the windows score no tokens: give more text (at least 2 tokens per window)")
     mean_nll = float(nll_by_position.sum() / scored)
     seconds = scalars["seconds"]
     decode_seconds = scalars["decode_seconds"]
+    mode = shard.mode
     return {
         "mode": mode.name,
         "layers": None if mode.layers is None else list(mode.layers),
         "window": mode.window,
         "sink": mode.sink,
         "definition": mode.definition,
-        "method": method,
+        "method": shard.method,
         "ppl": math.exp(mean_nll),
         "mean_nll": mean_nll,
         "scored_tokens": scored,
-        "windows": windows,
+        "targets_checksum": scalars["targets_checksum"],
+        "windows": shard.windows,
         "tokens_per_s": scored / seconds if seconds > 0 else None,
         "decode_tokens_per_s": scalars["decode_tokens"] / decode_seconds if decode_seconds > 0 else None,
         "total_time_s": seconds,
         "peak_memory_bytes": int(scalars["peak_memory_bytes"]),
-        "peak_memory_kind": memory_kind,
-        "cache_bytes": cache_bytes,
-        "cache_bytes_after": f"the first window ({cache_tokens} tokens, batch 1)",
+        "peak_memory_kind": shard.memory_kind,
+        "cache_bytes": shard.cache_bytes,
+        "cache_bytes_after": f"the first window ({shard.cache_tokens} tokens, batch 1)",
         "nll_by_position": _position_means(nll_by_position, tokens_by_position),
         "tokens_by_position": [int(n) for n in tokens_by_position],
     }
