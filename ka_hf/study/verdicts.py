@@ -252,8 +252,9 @@ def reversal_verdict(per_seed: list, model: str) -> dict:
     if transfer.sign < 0:
         return dict(
             verdict="no-curse",
-            text=f"{who} learned its facts forward and their backward answers are easier than unseen facts' too: "
-            f"no reversal curse here ({numbers}).",
+            text=f"{who} learned its facts forward and their backward answers are easier than unseen facts' too, so "
+            "this run does not show the reversal curse; part of the backward gain can be familiarity with the "
+            f"trained names themselves, which this control does not separate ({numbers}).",
         )
     return dict(
         verdict="curse",
