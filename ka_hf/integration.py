@@ -39,6 +39,11 @@ from .ops import (
     standard_attention,
 )
 from .route import ACTIVE_ROUTE, SUPPORTED_ARCHITECTURES, Route, check_routed  # noqa: F401 (check_routed: API)
+from .static_cache import StaticKACache, StaticKALayer
+
+# The caches whose layers hold (K, A) and route a call through KA. Listed here rather than found through a common
+# base class, so that each cache keeps its own constructor.
+KA_CACHES = (KACache, StaticKACache)
 
 # The attention-implementation name the wrapper switches a routed call to. Not meant for from_pretrained:
 # use enable_ka / exact_ka / KACache instead (they know which layers and which cache).
@@ -219,9 +224,11 @@ def ka_attention_forward(
     n_new, n_total = query.shape[-2], key.shape[-2]
     dropout_p = dropout if module.training else 0.0
     cache = route.cache
-    layer = cache.layers[route.layer_idx] if isinstance(cache, KACache) else None
+    layer = cache.layers[route.layer_idx] if isinstance(cache, KA_CACHES) else None
     positions = layer.key_positions() if layer is not None else None
-    if positions is None:
+    if isinstance(layer, StaticKALayer):
+        key, value, allowed = _static_view(layer, key, value, attention_mask, n_new, sliding_window, query.device)
+    elif positions is None:
         allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
     else:
         allowed = window_allowed(
@@ -260,7 +267,21 @@ def ka_attention_forward(
     return outputs.transpose(1, 2), None
 
 
-def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scale, softcap, dropout_p):
+def _static_view(layer, keys, values, attention_mask, n_new, sliding_window, device):
+    """(keys, output slots, allowed) that a StaticKALayer's call reads. A prompt chunk reads the written prefix, the
+    new tokens last, as a KACache holds them. A decode step reads all max_cache_len slots, the unwritten ones (and
+    those outside the layer's own window) masked: the same shapes every step, so one compiled graph serves all."""
+    if not layer.is_fixed_shape_step():
+        n_total = layer.n_cached
+        allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, device)
+        return keys[..., :n_total, :], values[..., :n_total, :], allowed
+    # No sliding_window here: a missing mask would mean "the new token is the last slot"; the layer's rule knows.
+    allowed = allowed_from_mask(attention_mask, n_new, keys.shape[-2], None, device)
+    visible = layer.visible_slots()
+    return keys, values, visible if allowed is None else allowed & visible
+
+
+def _ka_with_cache(cache, layer_idx, query, keys, values, allowed, scale, softcap, dropout_p):
     """`values` is the layer's output slots: past outputs, then the new tokens' values as placeholders."""
     layer = cache.layers[layer_idx]
     past_outputs = layer.past_outputs()
@@ -366,7 +387,7 @@ def _cache_argument(kwargs):
 
 def _route_for(module, kwargs) -> Route | None:
     cache = _cache_argument(kwargs)
-    if isinstance(cache, KACache):
+    if isinstance(cache, KA_CACHES):
         cache.bind(module.config)
         kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"
         return Route(cache, module.layer_idx, kind, cache.variant, cache.block_size, cache.kernel)
