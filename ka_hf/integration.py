@@ -441,6 +441,12 @@ def _prepare_cache_with_ka_default(original):
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         spec = ka_spec(self.config)
+        if (
+            spec is not None
+            and model_kwargs.get("cache") is None
+            and generation_config.cache_implementation == "static"
+        ):
+            _static_ka_default(self.config, spec, generation_config, model_kwargs, *args, **kwargs)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = KACache(
                 layers=spec.layers, variant=spec.variant, block_size=spec.block_size, kernel=spec.kernel
@@ -448,6 +454,24 @@ def _prepare_cache_with_ka_default(original):
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare
+
+
+def _static_ka_default(
+    config, spec, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None
+):
+    """cache_implementation="static" on a model whose config asks for KA: a StaticKACache of the length
+    transformers would give its StaticCache (this generate() call's prompt + new tokens, or max_cache_len if
+    larger), in place of that StaticCache."""
+    if spec.variant != "ka":
+        raise KAError(
+            f"cache_implementation='static' runs exact KA, but this model's config asks for variant {spec.variant!r}:"
+            " generate without cache_implementation (a KACache)"
+        )
+    length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
+    model_kwargs["cache"] = StaticKACache(
+        config=config, max_cache_len=length, ka_layers=spec.layers, kernel=spec.kernel, block_size=spec.block_size
+    )
+    generation_config.cache_implementation = None  # this call's copy: the cache is given now
 
 
 def _load_class(path: str):

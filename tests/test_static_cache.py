@@ -8,7 +8,7 @@ import torch
 from test_generate_scores import PROMPT, SETTINGS, generate_with_float64_logits, prompt_batch
 from transformers import DynamicCache
 
-from ka_hf import KACache, KAError, StaticKACache, exact_ka
+from ka_hf import KACache, KAError, StaticKACache, enable_ka, exact_ka
 
 from conftest import FEATURE_MODELS, VOCAB, tiny_model
 
@@ -98,6 +98,26 @@ def test_beam_search_and_reset_for_a_second_batch():
         input_ids[:, 1:], attention_mask=padding[:, 1:], past_key_values=KACache(), **beams, **SETTINGS
     )
     assert torch.equal(again.sequences, fresh.sequences)
+
+
+def test_cache_implementation_static_on_a_ka_model():
+    """generate(cache_implementation="static") on a model whose config asks for KA builds a StaticKACache (sized as
+    transformers sizes its StaticCache), equal to the KACache that generate() uses by default."""
+    model = enable_ka(feature_model("qwen2-sliding"), layers=[0, 2])
+    input_ids, padding = prompt_batch()
+    static, static_steps = generate_with_float64_logits(
+        model, input_ids, padding, do_sample=False, cache_implementation="static"
+    )
+    default, default_steps = generate_with_float64_logits(model, input_ids, padding, do_sample=False)
+    assert isinstance(static.cache, StaticKACache) and isinstance(default.cache, KACache)
+    assert static.cache.max_cache_len == PROMPT + SETTINGS["max_new_tokens"] - 1  # the last token is not fed
+    assert torch.equal(static.sequences, default.sequences)
+    assert max((a - b).abs().max() for a, b in zip(static_steps, default_steps)) < TOL
+    assert model.generation_config.cache_implementation is None  # the model's own setting is left as it was
+
+    enable_ka(model, variant="plan2", kernel="parallel")
+    with pytest.raises(KAError, match="plan2"):
+        model.generate(input_ids, attention_mask=padding, cache_implementation="static", **SETTINGS)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "qwen2-sliding"])
