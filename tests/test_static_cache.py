@@ -8,7 +8,7 @@ import torch
 from test_generate_scores import PROMPT, SETTINGS, generate_with_float64_logits, prompt_batch
 from transformers import DynamicCache
 
-from ka_hf import KACache, KAError, StaticKACache, enable_ka, exact_ka
+from ka_hf import KACache, KAError, StaticKACache, StaticKALayer, enable_ka, exact_ka
 
 from conftest import FEATURE_MODELS, VOCAB, tiny_model
 
@@ -151,6 +151,36 @@ def test_decode_never_reads_unwritten_slots():
     rest = chunked_logits(model, dirty, input_ids, padding, chunks=CHUNKS[1:], start=CHUNKS[0])
     real = padding.bool()
     assert (torch.cat([prompt, rest], dim=1) - expected)[real].abs().max() < TOL
+
+
+def test_layer_reads_written_prefix_for_a_prompt_and_every_slot_for_a_decode_step():
+    layer = StaticKALayer(max_cache_len=8, num_query_heads=4, sliding_window=3)
+    keys, values = torch.randn(1, 2, 5, 6), torch.randn(1, 2, 5, 6)
+    layer.update(keys, values)
+    assert not layer.is_fixed_shape_step() and layer.past_outputs() is None
+    assert torch.equal(layer.values[:, ::2, :5], values)  # placeholders: each kv head's values, per query head
+    layer.store_outputs(torch.ones(1, 4, 5, 6))
+    layer.update(torch.randn(1, 2, 1, 6), torch.randn(1, 2, 1, 6))
+    assert layer.is_fixed_shape_step() and torch.equal(layer.past_outputs(), torch.ones(1, 4, 5, 6))
+    # the new token sits at position 5: it sees itself and 2 back (window 3), nothing unwritten
+    expected = torch.tensor([False, False, False, True, True, True, False, False])
+    assert torch.equal(layer.visible_slots().flatten(), expected)
+    with pytest.raises(KAError, match="never stored"):
+        layer.update(torch.randn(1, 2, 1, 6), torch.randn(1, 2, 1, 6))
+
+
+def test_crop_then_refeed_equals_never_cropped():
+    """crop(-n) (HF's static convention) rewinds the slots; the re-fed tokens overwrite the stale ones."""
+    model = feature_model("llama-gqa")
+    input_ids, padding = padded_batch()
+    expected = chunked_logits(model, StaticKACache(config=model.config, max_cache_len=MAX_LEN), input_ids, padding)
+    cache = StaticKACache(config=model.config, max_cache_len=MAX_LEN)
+    first = chunked_logits(model, cache, input_ids, padding, chunks=CHUNKS[:2])
+    cache.crop(-CHUNKS[1])
+    assert int(cache.get_seq_length()) == CHUNKS[0]
+    again = chunked_logits(model, cache, input_ids, padding, chunks=CHUNKS[1:], start=CHUNKS[0])
+    real = padding.bool()
+    assert (torch.cat([first[:, : CHUNKS[0]], again], dim=1) - expected)[real].abs().max() < TOL
 
 
 @torch.no_grad()
