@@ -223,6 +223,19 @@ def test_compiled_decode_step_equals_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name", ["gpt-neox-partial-rotary", "llama-gqa", "qwen2-sliding"])
+def test_every_tensor_follows_the_inputs_device(name):
+    """No GPU here: the meta device stands in for one. A position, slot index or mask built on the CPU would fail
+    to mix with the buffers."""
+    model = feature_model(name).to("meta")
+    input_ids = torch.randint(1, VOCAB, (2, 5), device="meta")
+    cache = StaticKACache(config=model.config, max_cache_len=8)
+    with torch.no_grad():
+        for chunk in (input_ids, input_ids[:, :1], input_ids[:, :1]):  # a prompt, then decode steps
+            assert model(chunk, cache=cache, use_cache=True).logits.device.type == "meta"
+    assert cache.layers[0].values.device.type == "meta"
+
+
 def test_overflow_is_a_clear_error():
     model = feature_model("gpt2")
     input_ids, padding = prompt_batch()
