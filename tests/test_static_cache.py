@@ -137,6 +137,24 @@ def test_layer_subset_and_hybrid_prefill(name):
     assert (got - chunked_logits(model, KACache(prefill="standard"), input_ids, padding))[real].abs().max() < TOL
 
 
+def test_adapter_equals_kacache_with_the_same_adapter():
+    from ka_hf.adapters import KAAdapter
+
+    model = feature_model("llama-gqa")
+    adapter = KAAdapter.for_model(model).double()
+    torch.manual_seed(4)
+    with torch.no_grad():  # any f, not the identity
+        adapter.weight.add_(0.1 * torch.randn_like(adapter.weight))
+        adapter.bias.add_(0.1)
+    input_ids, padding = padded_batch()
+    static = StaticKACache(config=model.config, max_cache_len=MAX_LEN, adapter=adapter)
+    got = chunked_logits(model, static, input_ids, padding)
+    expected = chunked_logits(model, KACache(adapter=adapter), input_ids, padding)
+    real = padding.bool()
+    assert (got - expected)[real].abs().max() < TOL
+    assert (got - chunked_logits(model, KACache(), input_ids, padding))[real].abs().max() > 1e-3
+
+
 def test_decode_never_reads_unwritten_slots():
     """Garbage in every slot not yet written (as after reset() or crop()) changes nothing: the mask hides them."""
     model = feature_model("mistral-sliding")
