@@ -254,6 +254,29 @@ def test_every_tensor_follows_the_inputs_device(name):
     assert cache.layers[0].values.device.type == "meta"
 
 
+def test_compiled_generate_equals_kacache():
+    """generate() compiles its decode forward by itself for a compileable cache on a GPU; `_compile_all_devices`
+    (transformers' switch "for testing purposes") makes it do so on this CPU too: the same tokens and logits."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_model("llama-gqa", dtype=torch.float32, num_layers=1)
+    input_ids, padding = prompt_batch()
+    settings = dict(SETTINGS, max_new_tokens=5, do_sample=False)
+    compile_config = CompileConfig(backend="inductor", mode="default")
+    compile_config._compile_all_devices = True
+    cache = StaticKACache(config=model.config, max_cache_len=PROMPT + 5)
+    graphs = counters["stats"]["unique_graphs"]
+    out = model.generate(input_ids, attention_mask=padding, cache=cache, compile_config=compile_config, **settings)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    expected = model.generate(input_ids, attention_mask=padding, cache=KACache(), **settings)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert max((a - b).abs().max() for a, b in zip(out.logits, expected.logits)) < 1e-5
+    torch._dynamo.reset()
+
+
 def test_overflow_is_a_clear_error():
     model = feature_model("gpt2")
     input_ids, padding = prompt_batch()
