@@ -441,11 +441,8 @@ def _prepare_cache_with_ka_default(original):
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         spec = ka_spec(self.config)
-        if (
-            spec is not None
-            and model_kwargs.get("cache") is None
-            and generation_config.cache_implementation == "static"
-        ):
+        wants_cache = model_kwargs.get("cache") is None and generation_config.use_cache is not False
+        if spec is not None and wants_cache and generation_config.cache_implementation == "static":
             _static_ka_default(self.config, spec, generation_config, model_kwargs, *args, **kwargs)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             model_kwargs["cache"] = KACache(
