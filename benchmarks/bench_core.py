@@ -9,6 +9,8 @@ For a GPT-2-small-shaped model (12 layers, 768 wide, 12 heads) and a Pythia-70M-
      ratio for a DynamicCache (what the hardware allows) and KA's parallel prefill time over KV's
   3. training step (forward + backward, batch 8) with exact KA / with standard SDPA at T=128 and T=512
      (target <= 1.2x at 128, <= 1.5x at 512; the original project's token loop was 4.7x)
+  4. decode tokens/s with a StaticKACache (fixed shapes), eager and under torch.compile, / with KACache
+     (--no-compile skips the compiled one; `--models tiny` is a 2-layer Llama shape for checking the script)
 Prints a markdown table and writes it (with the machine) as JSON when --out is given.
 """
 
@@ -27,6 +29,7 @@ from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 MODELS = {
     "gpt2-small": dict(arch="gpt2", num_layers=12, hidden_size=768, num_heads=12, vocab_size=50257),
     "pythia-70m": dict(arch="gpt-neox", vocab_size=50304, **PYTHIA_70M_SHAPE),
+    "tiny": dict(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=128),
 }
 
 
@@ -75,6 +78,28 @@ def decode_seconds_per_token(model, make_cache, prompt_len, new_tokens, device):
     return statistics.median(run() for _ in range(3))
 
 
+def static_decode_ratios(model, ka_step, args, device) -> dict:
+    """Decode tokens/s with a StaticKACache ÷ with a KACache (`ka_step`: its seconds per step), eager and compiled.
+    One cache is reset for every run, as a compiled model needs (its buffers keep their addresses)."""
+    cache = ka_hf.StaticKACache(config=model.config, max_cache_len=args.decode_prompt + args.new_tokens + 1)
+
+    def make_cache():
+        cache.reset()
+        return cache
+
+    eager_step = decode_seconds_per_token(model, make_cache, args.decode_prompt, args.new_tokens, device)
+    row = dict(decode_static_tok_s=1 / eager_step, decode_static_ratio=ka_step / eager_step)
+    if not args.no_compile:
+        forward = model.forward
+        model.forward = torch.compile(forward, mode=args.compile_mode)  # the prompt runs compiled too: one graph set
+        try:
+            compiled_step = decode_seconds_per_token(model, make_cache, args.decode_prompt, args.new_tokens, device)
+        finally:
+            model.forward = forward
+        row.update(decode_compiled_tok_s=1 / compiled_step, decode_compiled_ratio=ka_step / compiled_step)
+    return row
+
+
 @torch.no_grad()
 def prefill_seconds(model, make_cache, prompt_len, device, repeats):
     """(one parallel pass, token by token) seconds to prefill a prompt into a fresh cache."""
@@ -121,6 +146,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd StaticKACache decode")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead on a GPU")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_grad_enabled(True)
@@ -131,6 +158,7 @@ def main():
         kv_step = decode_seconds_per_token(model, DynamicCache, args.decode_prompt, args.new_tokens, device)
         ka_step = decode_seconds_per_token(model, ka_hf.KACache, args.decode_prompt, args.new_tokens, device)
         row = dict(model=name, decode_kv_tok_s=1 / kv_step, decode_ka_tok_s=1 / ka_step, decode_ratio=kv_step / ka_step)
+        row.update(static_decode_ratios(model, ka_step, args, device))
         parallel_s, loop_s = prefill_seconds(model, ka_hf.KACache, args.prompt_len, device, args.repeats)
         kv_parallel_s, kv_loop_s = prefill_seconds(model, DynamicCache, args.prompt_len, device, args.repeats)
         row.update(
@@ -162,6 +190,8 @@ def main():
         "decode KA/KV tok/s",
         "KV tok/s",
         "KA tok/s",
+        "static/dynamic KA decode: eager",
+        "compiled",
         f"KA prefill {args.prompt_len}: loop/parallel",
         "same for KV",
         "KA/KV parallel prefill time",
@@ -174,6 +204,8 @@ def main():
             f"{row['decode_ratio']:.3f}",
             f"{row['decode_kv_tok_s']:.1f}",
             f"{row['decode_ka_tok_s']:.1f}",
+            f"{row['decode_static_ratio']:.3f}",
+            f"{row['decode_compiled_ratio']:.3f}" if "decode_compiled_ratio" in row else "not run",
             f"{row['prefill_speedup']:.1f}x ({row['prefill_loop_s']:.2f} s / {row['prefill_parallel_s']:.3f} s)",
             f"{row['kv_prefill_speedup']:.1f}x",
             f"{row['prefill_ka_over_kv']:.2f}",

@@ -19,6 +19,7 @@ from .integration import (
     window_attention_mask,
     without_ka,
 )
+from .static_cache import StaticKACache, StaticKALayer
 
 install()
 
@@ -32,6 +33,8 @@ __all__ = [
     "KAWindowLayer",
     "KVWindowCache",
     "SUPPORTED_ARCHITECTURES",
+    "StaticKACache",
+    "StaticKALayer",
     "cache_nbytes",
     "disable_ka",
     "enable_ka",

@@ -39,6 +39,11 @@ from .ops import (
     standard_attention,
 )
 from .route import ACTIVE_ROUTE, SUPPORTED_ARCHITECTURES, Route, check_routed  # noqa: F401 (check_routed: API)
+from .static_cache import StaticKACache, StaticKALayer
+
+# The caches whose layers hold (K, A) and route a call through KA. Listed here rather than found through a common
+# base class, so that each cache keeps its own constructor.
+KA_CACHES = (KACache, StaticKACache)
 
 # The attention-implementation name the wrapper switches a routed call to. Not meant for from_pretrained:
 # use enable_ka / exact_ka / KACache instead (they know which layers and which cache).
@@ -226,9 +231,11 @@ def ka_attention_forward(
     n_new, n_total = query.shape[-2], key.shape[-2]
     dropout_p = dropout if module.training else 0.0
     cache = route.cache
-    layer = cache.layers[route.layer_idx] if isinstance(cache, KACache) else None
+    layer = cache.layers[route.layer_idx] if isinstance(cache, KA_CACHES) else None
     positions = layer.key_positions() if layer is not None else None
-    if positions is None:
+    if isinstance(layer, StaticKALayer):
+        key, value, allowed = _static_view(layer, key, value, attention_mask, n_new, sliding_window, query.device)
+    elif positions is None:
         allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, query.device)
     else:
         allowed = window_allowed(
@@ -267,7 +274,21 @@ def ka_attention_forward(
     return outputs.transpose(1, 2), None
 
 
-def _ka_with_cache(cache: KACache, layer_idx, query, keys, values, allowed, scale, softcap, dropout_p):
+def _static_view(layer, keys, values, attention_mask, n_new, sliding_window, device):
+    """(keys, output slots, allowed) that a StaticKALayer's call reads. A prompt chunk reads the written prefix, the
+    new tokens last, as a KACache holds them. A decode step reads all max_cache_len slots, the unwritten ones (and
+    those outside the layer's own window) masked: the same shapes every step, so one compiled graph serves all."""
+    if not layer.is_fixed_shape_step():
+        n_total = layer.n_cached
+        allowed = allowed_from_mask(attention_mask, n_new, n_total, sliding_window, device)
+        return keys[..., :n_total, :], values[..., :n_total, :], allowed
+    # No sliding_window here: a missing mask would mean "the new token is the last slot"; the layer's rule knows.
+    allowed = allowed_from_mask(attention_mask, n_new, keys.shape[-2], None, device)
+    visible = layer.visible_slots()
+    return keys, values, visible if allowed is None else allowed & visible
+
+
+def _ka_with_cache(cache, layer_idx, query, keys, values, allowed, scale, softcap, dropout_p):
     """`values` is the layer's output slots: past outputs, then the new tokens' values as placeholders."""
     layer = cache.layers[layer_idx]
     past_outputs = layer.past_outputs()
@@ -373,7 +394,7 @@ def _cache_argument(kwargs):
 
 def _route_for(module, kwargs) -> Route | None:
     cache = _cache_argument(kwargs)
-    if isinstance(cache, KACache):
+    if isinstance(cache, KA_CACHES):
         cache.bind(module.config)
         kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"
         return Route(cache, module.layer_idx, kind, cache.variant, cache.block_size, cache.kernel)
@@ -432,12 +453,15 @@ def _prepare_cache_with_ka_default(original):
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         spec = ka_spec(self.config)
+        wants_cache = model_kwargs.get("cache") is None and generation_config.use_cache is not False
+        if spec is not None and wants_cache and generation_config.cache_implementation == "static":
+            _static_ka_default(self.config, spec, generation_config, model_kwargs, *args, **kwargs)
         if spec is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             implementation = generation_config.cache_implementation
             if implementation not in KA_CACHE_IMPLEMENTATIONS:
                 raise KAError(
                     f"generate(cache_implementation={implementation!r}): this model runs KA, which caches attention "
-                    "outputs in a KACache; use 'dynamic' or 'offloaded', or pass cache=ka_hf.KACache(...)"
+                    "outputs in a KACache; use 'dynamic', 'offloaded' or 'static', or pass cache=ka_hf.KACache(...)"
                 )
             model_kwargs["cache"] = KACache(
                 self.config.get_text_config(decoder=True),
@@ -451,6 +475,24 @@ def _prepare_cache_with_ka_default(original):
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
     return prepare
+
+
+def _static_ka_default(
+    config, spec, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None
+):
+    """cache_implementation="static" on a model whose config asks for KA: a StaticKACache of the length
+    transformers would give its StaticCache (this generate() call's prompt + new tokens, or max_cache_len if
+    larger), in place of that StaticCache."""
+    if spec.variant != "ka":
+        raise KAError(
+            f"cache_implementation='static' runs exact KA, but this model's config asks for variant {spec.variant!r}:"
+            " generate without cache_implementation (a KACache)"
+        )
+    length = max(max_cache_length or 0, generation_config.max_cache_len or 0)
+    model_kwargs["cache"] = StaticKACache(
+        config=config, max_cache_len=length, ka_layers=spec.ka_layers, kernel=spec.kernel, block_size=spec.block_size
+    )
+    generation_config.cache_implementation = None  # this call's copy: the cache is given now
 
 
 def _load_class(path: str):

@@ -312,6 +312,7 @@ def test_readme_quickstart_runs(tmp_path):
         warnings.simplefilter("error")  # the quickstart prints no warning
         exec(snippet, namespace)
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
+    assert torch.equal(namespace["out_static"], namespace["out"])
     assert (namespace["logits"] - namespace["logits_std"]).abs().max() > 0
 
 

@@ -115,8 +115,8 @@ def test_generate_with_cache_implementation_offloaded_on_a_ka_model():
     )
     assert isinstance(out.cache, KACache) and out.cache.offloading and len(out.cache) == 3
     assert torch.equal(out.sequences, model.generate(prompt, cache=KACache(), max_new_tokens=6, **SETTINGS))
-    with pytest.raises(ka_hf.KAError, match="cache_implementation='static'"):
-        model.generate(prompt, cache_implementation="static", max_new_tokens=2, **SETTINGS)
+    with pytest.raises(ka_hf.KAError, match="cache_implementation='quantized'"):
+        model.generate(prompt, cache_implementation="quantized", max_new_tokens=2, **SETTINGS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
