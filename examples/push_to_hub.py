@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ka_hf.study import hub
-from ka_hf.study.cli import user_errors_exit_2
+from ka_hf.study.cli import add_output_arguments, user_errors_exit_2
 
 
 def parse_args(argv=None):
@@ -35,12 +35,11 @@ def parse_args(argv=None):
         metavar="DIR",
         help="a plan-1 adapter (examples/fit_adapter.py --out) to publish with the model: an adapter card",
     )
-    parser.add_argument(
-        "--folder",
-        metavar="OUT",
-        help="where to assemble the folder (default: a temporary one; with --dry-run: MODEL/../hub_NAME)",
+    add_output_arguments(
+        parser,
+        what="the upload is assembled in (default: a temporary one; with --dry-run: MODEL/../hub_NAME)",
+        aliases=("--folder",),
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --folder")
     parser.add_argument("--license", help="a Hub license id for the card, e.g. apache-2.0")
     args = parser.parse_args(argv)
     hub.check_repo_id(args.repo_id)
@@ -75,7 +74,7 @@ def main(argv=None):
     name = args.repo_id.split("/")[1]
     with tempfile.TemporaryDirectory(prefix="ka_hf_hub_") as scratch:
         default = Path(args.model).resolve().parent / f"hub_{name}" if args.dry_run else Path(scratch) / name
-        folder = Path(args.folder) if args.folder else default
+        folder = Path(args.out) if args.out else default
         files = hub.assemble_folder(
             args.model,
             folder,

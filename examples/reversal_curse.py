@@ -13,11 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from ka_hf.errors import KAError
 from ka_hf.study import files, report
-from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
+from ka_hf.study.cli import (
+    DTYPES,
+    add_model_and_mode_arguments,
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_threads,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.evaluation import check_adapter_given, parse_modes
 from ka_hf.study.evaluation.reversal import (
     FACT_SPLITS,
@@ -52,15 +58,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
     parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--out", default="reversal_out", metavar="DIR", help="where results.json/.md go")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_output_arguments(parser, default="reversal_out", what="results.json/.md")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     check_adapter_given(parse_modes(args.modes), args.adapter)  # unknown modes fail before the model loads
     check_split(args.split)
+    device_of(args)  # a device that is not here fails now
     files.check_out_dir(args.out, args.overwrite)
     return args
 
@@ -104,9 +107,9 @@ def results_markdown(record: dict) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    apply_threads(args)
+    device = device_of(args)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     modes = parse_modes(args.modes, model.config.num_hidden_layers)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     facts = facts_config(args, model)
@@ -114,7 +117,7 @@ def main(argv=None):
     if args.adapter:
         from ka_hf.adapters import load_adapter
 
-        adapter = load_adapter(args.adapter, device=args.device, dtype=model.dtype)
+        adapter = load_adapter(args.adapter, device=device, dtype=model.dtype)
         adapter.check_model(model)  # an adapter fit for another model is refused before any scoring
     results = reversal_metrics(
         model,

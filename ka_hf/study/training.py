@@ -284,7 +284,11 @@ def training_record(config: TrainConfig, **extra) -> dict:
         "dataset",
         "dataset_config",
         "split",
+        "val_split",
         "text_file",
+        "val_text_file",  # with val_fraction: which text was held out (what fit_adapter.py scores by default)
+        "val_fraction",
+        "text_column",
         "samples",
         "seq_len",
         "epochs",
