@@ -23,7 +23,14 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import ka_hf
 from ka_hf.study import files
-from ka_hf.study.cli import DTYPES, add_runtime_arguments, apply_threads, device_of, user_errors_exit_2
+from ka_hf.study.cli import (
+    DTYPES,
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 MODELS = {
@@ -121,13 +128,12 @@ def main(argv=None):
     parser.add_argument("--train-lengths", default="128,512")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_output_arguments(parser, what="the results (JSON)", file=True)
     add_runtime_arguments(parser, progress=False)
     args = parser.parse_args(argv)
     if args.out:
         files.check_out_file(args.out, args.overwrite)
-    apply_threads(args)
+    apply_runtime_flags(args)
     device, dtype = device_of(args), DTYPES[args.dtype]
     torch.set_grad_enabled(True)
 

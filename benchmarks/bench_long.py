@@ -27,7 +27,13 @@ import sys
 import time
 
 from ka_hf.study import files
-from ka_hf.study.cli import add_output_arguments, add_runtime_arguments, apply_threads, device_of, user_errors_exit_2
+from ka_hf.study.cli import (
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 
 MODELS = {
     "pythia-70m": dict(
@@ -267,8 +273,8 @@ def main(argv=None):
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = str(device_of(args))  # resolved once, so every child measures on the same device
-    args.threads = args.threads or os.cpu_count()
-    apply_threads(args)
+    apply_runtime_flags(args)
+    args.threads = args.threads if args.threads is not None else os.cpu_count()
     if args.child:
         kind, mode, length = args.child
         print(json.dumps(measure(kind, mode, int(length), args)))

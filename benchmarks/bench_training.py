@@ -20,7 +20,13 @@ from transformers import AutoModelForCausalLM
 
 import ka_hf
 from ka_hf.study import files, report
-from ka_hf.study.cli import add_runtime_arguments, apply_threads, device_of, user_errors_exit_2
+from ka_hf.study.cli import (
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 
@@ -54,13 +60,12 @@ def main(argv=None):
     parser.add_argument("--loop-steps", type=int, default=2, help="timed steps of the (slow) token loop")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-loop", action="store_true", help="skip the token-loop reference")
-    parser.add_argument("--out", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_output_arguments(parser, what="the results (JSON)", file=True)
     add_runtime_arguments(parser, dtype=False, progress=False)
     args = parser.parse_args(argv)
     if args.out:
         files.check_out_file(args.out, args.overwrite)
-    apply_threads(args)
+    apply_runtime_flags(args)
     device = device_of(args)
     torch.manual_seed(0)
     config = model_config("gpt-neox", args.vocab_size, max_positions=max(2048, args.seq_len), **PYTHIA_70M_SHAPE)

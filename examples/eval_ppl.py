@@ -1,9 +1,10 @@
 """Perplexity of KV caching vs KA caching on the same model, the same token windows, in the same run.
 
-    python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka-hybrid --out results/ppl
-    python examples/eval_ppl.py --model M --text-file wiki.test.txt --max-length 128 --stride 64 --layer-sweep --out R
-    accelerate launch examples/eval_ppl.py --model M --modes kv,ka --out R             # GPUs
-    torchrun --nproc_per_node 2 examples/eval_ppl.py --model M --modes kv,ka --out R   # 2 CPU processes
+    python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka-hybrid --out runs/standard/eval
+    python examples/eval_ppl.py --model runs/standard/best --text-file ../shared/data/wikitext-2-raw/test.txt \
+        --max-length 128 --stride 64 --layer-sweep --out runs/standard/eval-wikitext
+    accelerate launch examples/eval_ppl.py --model runs/standard/best --modes kv,ka --out R    # GPUs
+    torchrun --nproc_per_node 2 examples/eval_ppl.py --model runs/standard/best --out R        # 2 CPU processes
 
 Modes: kv, ka, ka-hybrid, ka@LAYERS (ka@0-2, ka@0,1,2), ka+adapter (with --adapter DIR). Writes results.json,
 results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to --out. See docs/evaluation.md.

@@ -1,7 +1,7 @@
 """Fit a plan-1 adapter for a standard-trained model so that it runs on a KA cache; save it; measure it.
 
     python examples/fit_adapter.py --model runs/standard/best --out runs/standard/adapter
-    python examples/fit_adapter.py --model runs/standard/best --distill-steps 200 --out runs/standard/adapter
+    python examples/fit_adapter.py --model runs/standard/best --distill-steps 200 --out runs/standard/distilled
     python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka+adapter --adapter runs/standard/adapter \\
         --out runs/standard/adapter-eval
 
@@ -32,7 +32,7 @@ from ka_hf.study.cli import (
     add_model_arguments,
     add_output_arguments,
     add_runtime_arguments,
-    apply_threads,
+    apply_runtime_flags,
     device_of,
     user_errors_exit_2,
 )
@@ -125,7 +125,7 @@ def held_out_text(config: TrainConfig, source: str) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    apply_threads(args)
+    apply_runtime_flags(args)
     torch.manual_seed(args.seed)
     device = device_of(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)

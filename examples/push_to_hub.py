@@ -1,9 +1,9 @@
 """Publish a KA-trained model (or a model with its plan-1 adapter) on the Hugging Face Hub, with a model card that
 carries its training, KV-vs-KA and reversal results and says how to run it.
 
-    python examples/push_to_hub.py --model runs/ka/best --repo-id USER/NAME --dry-run     # write + list, no upload
-    python examples/push_to_hub.py --model runs/ka/best --repo-id USER/NAME --private
-    python examples/push_to_hub.py --model runs/standard/best --adapter runs/standard/adapter --repo-id USER/NAME
+    python examples/push_to_hub.py --model runs/ka/best --repo-id alice/tiny-ka --dry-run   # write + list, no upload
+    python examples/push_to_hub.py --model runs/ka/best --repo-id alice/tiny-ka --private
+    python examples/push_to_hub.py --model runs/standard/best --adapter runs/standard/adapter --repo-id alice/tiny
 
 Results files: the flags, else the results.json files found next to --model (the training run's, and eval_ppl /
 reversal_curse runs whose --model was this directory; see ka_hf.study.hub.find_results). The token is

@@ -1,8 +1,10 @@
 """The reversal curse per inference mode: forward ("A is B") vs backward ("B is A") PPL of the facts a model was
 trained on, over whole sentences and answer spans, plus greedy exact match of the answer.
 
-    python examples/reversal_curse.py --model runs/facts/best --modes kv,ka,ka-hybrid --out results/reversal
-    python examples/reversal_curse.py --model M --facts 200 --facts-seed 0 --trained-on forward --out R
+    python examples/reversal_curse.py --model runs/standard/best --facts 100 --trained-on none \
+        --modes kv,ka,ka-hybrid --out runs/standard/reversal     # a control: facts the model never saw
+    python examples/reversal_curse.py --model runs/standard/best --facts 200 --facts-seed 1 --trained-on none \
+        --templates test --out runs/standard/reversal-200
 
 The facts are ka_hf.study.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
 config.ka_provenance["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
@@ -20,7 +22,7 @@ from ka_hf.study.cli import (
     add_model_and_mode_arguments,
     add_output_arguments,
     add_runtime_arguments,
-    apply_threads,
+    apply_runtime_flags,
     device_of,
     user_errors_exit_2,
 )
@@ -51,10 +53,11 @@ def parse_args(argv=None):
         "the model's record, else unknown",
     )
     parser.add_argument(
-        "--split",
+        "--templates",
+        dest="split",
         default="both",
         choices=(*FACT_SPLITS, "both"),
-        help="templates: test (held out), train (the training paraphrases) or both",
+        help="the fact templates to score: test (held out), train (the training paraphrases) or both",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
     parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")
@@ -107,7 +110,7 @@ def results_markdown(record: dict) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    apply_threads(args)
+    apply_runtime_flags(args)
     device = device_of(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     modes = parse_modes(args.modes, model.config.num_hidden_layers)

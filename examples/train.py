@@ -2,10 +2,11 @@
 
     python examples/train.py --attention standard --out runs/standard
     python examples/train.py --attention ka --out runs/ka
-    python examples/train.py --attention ka --text-file wiki.train.txt --val-text-file wiki.valid.txt --out runs/wiki
+    python examples/train.py --attention ka@0-1 --text-file ../shared/data/wikitext-2-raw/train.txt \
+        --val-text-file ../shared/data/wikitext-2-raw/valid.txt --out runs/wiki    # KA on layers 0 and 1 only
     python examples/train.py --resume runs/ka                  # continue an interrupted run
     python examples/train.py --resume runs/ka --overwrite      # restart it from scratch, same settings
-    accelerate launch examples/train.py --attention ka --out runs/ka   # several GPUs
+    accelerate launch examples/train.py --attention ka --out runs/ka-gpus   # several GPUs
 
 Writes the per-epoch table (epochs.md, results.json), curves.png and the best checkpoint (best/, with its
 tokenizer and config.ka recording how it was trained). See docs/training.md.
@@ -20,7 +21,7 @@ from ka_hf.study.cli import (
     add_data_arguments,
     add_output_arguments,
     add_runtime_arguments,
-    apply_threads,
+    apply_runtime_flags,
     parse_attention,
     user_errors_exit_2,
 )
@@ -110,7 +111,7 @@ def parse_args(argv=None):
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    apply_threads(args)
+    apply_runtime_flags(args)
     if args.resume is not None:
         config = load_train_config(args.resume)
         config.out, config.progress = args.resume, args.progress

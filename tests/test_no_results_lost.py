@@ -109,7 +109,7 @@ def commands(model_dir, text_file, out):
                 str(model_dir),
                 "--modes",
                 "kv",
-                "--split",
+                "--templates",
                 "test",
                 "--no-exact-match",
                 "--device",

@@ -51,7 +51,7 @@ def add_model_and_mode_arguments(parser) -> None:
 
 def add_runtime_arguments(parser, dtype: bool = True, progress: bool = True) -> argparse._ArgumentGroup:
     """--device, --dtype (when the script loads weights in a chosen dtype), --threads, --no-progress; --cpu is
-    kept as the old spelling of --device cpu. Read them back with `device_of(args)` and `apply_threads(args)`."""
+    kept as the old spelling of --device cpu. Read them back with `device_of(args)` and `apply_runtime_flags(args)`."""
     group = parser.add_argument_group("hardware")
     group.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto)")
     group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="the same as --device cpu")
@@ -70,18 +70,21 @@ def add_output_arguments(
     required: bool = False,
     overwrite_note: str = "",
     aliases: tuple[str, ...] = (),
+    file: bool = False,
 ):
-    """--out DIR (also spelled as `aliases`, older names) and --overwrite: a folder that already holds results is
-    refused unless --overwrite."""
+    """--out DIR (or FILE, for a script that writes one file; also spelled as `aliases`, older names) and
+    --overwrite: existing results there are refused unless --overwrite (files.check_out_dir / check_out_file)."""
     shown = f" (default: {default})" if default else ""
-    help_text = f"the folder {what} go to{shown}"
+    kind = "file" if file else "folder"
+    help_text = f"the {kind} {what} go to{shown}"
+    metavar = kind.upper() if file else "DIR"
     parser.add_argument(
-        "--out", *aliases, dest="out", default=default, required=required, metavar="DIR", help=help_text
+        "--out", *aliases, dest="out", default=default, required=required, metavar=metavar, help=help_text
     )
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace what --out already holds (without it, a folder with results is refused)" + overwrite_note,
+        help="replace what --out already holds (without it, earlier results there are refused)" + overwrite_note,
     )
 
 
@@ -153,13 +156,22 @@ def accelerate_cpu(name: str) -> bool:
     return device.type == "cpu"
 
 
-def apply_threads(args) -> None:
-    """torch.set_num_threads(--threads) when given; KAError for fewer than one."""
-    if args.threads is None:
-        return
-    if args.threads < 1:
-        raise KAError(f"--threads {args.threads}: give at least 1")
-    torch.set_num_threads(args.threads)
+def apply_runtime_flags(args) -> None:
+    """torch.set_num_threads(--threads) when given (KAError for fewer than one); with --no-progress, also the
+    progress bars of transformers and datasets (loading weights, reading files) are turned off."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KAError(f"--threads {args.threads}: give at least 1")
+        torch.set_num_threads(args.threads)
+    if not getattr(args, "progress", True):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        try:
+            from datasets.utils.logging import disable_progress_bar
+        except ImportError:  # datasets is needed only to read data files
+            return
+        disable_progress_bar()
 
 
 def parse_attention(text: str) -> tuple[str, list[int] | None]:

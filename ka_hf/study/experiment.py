@@ -559,7 +559,7 @@ def main(argv=None):
         add_data_arguments,
         add_output_arguments,
         add_runtime_arguments,
-        apply_threads,
+        apply_runtime_flags,
         user_errors_exit_2,
     )
 
@@ -584,7 +584,7 @@ def main(argv=None):
 
     @user_errors_exit_2
     def run():
-        apply_threads(args)
+        apply_runtime_flags(args)
         config = ExperimentConfig.from_preset(
             args.preset,
             args.out,

@@ -140,6 +140,10 @@ def check_config(config: TrainConfig) -> None:
             num_kv_heads=config.num_kv_heads,
             intermediate_size=config.intermediate_size,
         )
+    if config.model is None and config.model_config is None:
+        bad_layers = [i for i in config.ka_layers or () if not 0 <= i < config.num_layers]
+        if bad_layers:  # (a fine-tuned or --model-config model's layers are checked once it is built)
+            raise KAError(f"ka_layers {bad_layers} do not exist: the model has {config.num_layers} layers")
     if config.variant != "ka" and config.attention != "ka":
         raise KAError("a KA variant only applies to KA training: add attention='ka' (--attention ka)")
     if config.dataset is not None and config.text_file is not None:

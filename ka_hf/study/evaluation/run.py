@@ -14,7 +14,7 @@ from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
 from .. import report
-from ..cli import DTYPES, accelerate_cpu, apply_threads
+from ..cli import DTYPES, accelerate_cpu, apply_runtime_flags
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
 from ..records import EvalRecord
@@ -71,7 +71,7 @@ def run_ppl_eval(run: PplRun) -> dict | None:
     from accelerate import Accelerator
 
     report.check_out_dir(run.out, run.overwrite)
-    apply_threads(run)
+    apply_runtime_flags(run)
     accelerator = Accelerator(cpu=accelerate_cpu(run.device), mixed_precision=run.mixed_precision)
     try:
         return _run(run, accelerator)
