@@ -258,7 +258,8 @@ def plot(rows, path):
         axis.set_title(title)
         axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with files.atomic_path(path) as temporary:  # a crash leaves no half-written plot
+        figure.savefig(temporary, dpi=120, format="png")
 
 
 @user_errors_exit_2

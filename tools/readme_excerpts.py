@@ -102,7 +102,11 @@ def excerpt(run_dir: Path) -> str:
 
 def rewrite(readme_text: str, block: str) -> str:
     """README text with the marked block's content replaced by `block`."""
-    if readme_text.count(BEGIN) != 1 or readme_text.count(END) != 1 or readme_text.index(BEGIN) > readme_text.index(END):
+    if (
+        readme_text.count(BEGIN) != 1
+        or readme_text.count(END) != 1
+        or readme_text.index(BEGIN) > readme_text.index(END)
+    ):
         raise KAError(f"README.md must hold exactly one {BEGIN} ... {END} pair, in that order")
     before, rest = readme_text.split(BEGIN)
     _, after = rest.split(END)
