@@ -183,8 +183,8 @@ def parse_attention(text: str) -> tuple[str, list[int] | None]:
         return "standard", None
     try:
         mode = parse_mode(text)
-    except KAError as error:
-        raise KAError(f"--attention {text!r}: use {ATTENTION_HELP} ({error})") from None
-    if mode.kind != "ka":
+    except KAError:
+        mode = None
+    if mode is None or mode.kind != "ka":
         raise KAError(f"--attention {text!r}: use {ATTENTION_HELP}")
     return "ka", None if mode.layers is None else list(mode.layers)
