@@ -24,6 +24,15 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import ka_hf
+from ka_hf.study import files
+from ka_hf.study.cli import (
+    DTYPES,
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 MODELS = {
@@ -134,10 +143,9 @@ def train_step_seconds(model, seq_len, batch, device, ka, repeats):
     return seconds
 
 
-def main():
+@user_errors_exit_2
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--models", default="gpt2-small,pythia-70m")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-prompt", type=int, default=128)
@@ -145,11 +153,15 @@ def main():
     parser.add_argument("--train-lengths", default="128,512")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd StaticKACache decode")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead on a GPU")
-    args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    add_output_arguments(parser, what="the results (JSON)", file=True)
+    add_runtime_arguments(parser, progress=False)
+    args = parser.parse_args(argv)
+    if args.out:
+        files.check_out_file(args.out, args.overwrite)
+    apply_runtime_flags(args)
+    device, dtype = device_of(args), DTYPES[args.dtype]
     torch.set_grad_enabled(True)
 
     rows = []
@@ -216,8 +228,7 @@ def main():
         ]
         print("| " + " | ".join(cells) + " |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(machine=machine, dtype=args.dtype, torch=torch.__version__, rows=rows), f, indent=2)
+        files.write_json(args.out, dict(machine=machine, dtype=args.dtype, torch=torch.__version__, rows=rows))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from ka_hf.study import files
+from ka_hf.study.cli import (
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 
 MODELS = {
     "pythia-70m": dict(
@@ -250,21 +258,24 @@ def plot(rows, path):
         axis.set_title(title)
         axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with files.atomic_path(path) as temporary:  # a crash leaves no half-written plot
+        figure.savefig(temporary, dpi=120, format="png")
 
 
-def main():
+@user_errors_exit_2
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--out", default="bench_long_out", help="folder for bench_long.{json,md,png}")
+    add_output_arguments(parser, default="bench_long_out", what="bench_long.{json,md,png}")
+    add_runtime_arguments(parser)  # --threads default here: every CPU core
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "T"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.device = str(device_of(args))  # resolved once, so every child measures on the same device
+    apply_runtime_flags(args)
+    args.threads = args.threads if args.threads is not None else os.cpu_count()
     if args.child:
         kind, mode, length = args.child
         print(json.dumps(measure(kind, mode, int(length), args)))
@@ -272,16 +283,17 @@ def main():
 
     from tqdm.auto import tqdm
 
+    out = files.check_out_dir(args.out, args.overwrite)  # before anything is measured
     lengths = [int(t) for t in args.lengths.split(",")]
     kinds = args.kinds.split(",")
     jobs = [(length, kind, mode) for length in lengths for kind in kinds for mode in ("kv", "ka")]
     results = {}
     started = time.perf_counter()
-    for length, kind, mode in tqdm(jobs, desc="measurements"):
+    for length, kind, mode in tqdm(jobs, desc="measurements", disable=not args.progress):
         results.setdefault(length, {"T": length}).setdefault(kind, {})[mode] = run_child(kind, mode, length, args)
     rows = [results[length] for length in lengths]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.threads} torch threads"
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):
         import torch
 
         machine = torch.cuda.get_device_name(0)
@@ -291,10 +303,8 @@ def main():
     )
     markdown = header + "\n" + table(rows) if set(kinds) == set(KINDS) else header
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_long.json").write_text(json.dumps(dict(machine=machine, dtype=args.dtype, rows=rows), indent=2))
-    (out / "bench_long.md").write_text(markdown + "\n")
+    files.write_json(out / "bench_long.json", dict(machine=machine, dtype=args.dtype, rows=rows))
+    files.write_text(out / "bench_long.md", markdown + "\n")
     if set(kinds) == set(KINDS):
         plot(rows, out / "bench_long.png")
     print(f"wrote {out}/bench_long.json, .md, .png")

@@ -19,7 +19,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ka_hf
-from ka_hf.study import report
+from ka_hf.study import files, report
+from ka_hf.study.cli import (
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.models import PYTHIA_70M_SHAPE, model_config
 
 
@@ -43,7 +50,8 @@ def make_step(model, optimizer, input_ids, kind, device):
     return step
 
 
-def main():
+@user_errors_exit_2
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=50304, help="Pythia's padded vocabulary by default")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -52,11 +60,13 @@ def main():
     parser.add_argument("--loop-steps", type=int, default=2, help="timed steps of the (slow) token loop")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-loop", action="store_true", help="skip the token-loop reference")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="also write the results as JSON")
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
+    add_output_arguments(parser, what="the results (JSON)", file=True)
+    add_runtime_arguments(parser, dtype=False, progress=False)
+    args = parser.parse_args(argv)
+    if args.out:
+        files.check_out_file(args.out, args.overwrite)
+    apply_runtime_flags(args)
+    device = device_of(args)
     torch.manual_seed(0)
     config = model_config("gpt-neox", args.vocab_size, max_positions=max(2048, args.seq_len), **PYTHIA_70M_SHAPE)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).train()

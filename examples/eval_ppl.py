@@ -1,9 +1,10 @@
 """Perplexity of KV caching vs KA caching on the same model, the same token windows, in the same run.
 
-    python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka-hybrid --out results/ppl
-    python examples/eval_ppl.py --model M --text-file wiki.test.txt --max-length 128 --stride 64 --layer-sweep --out R
-    accelerate launch examples/eval_ppl.py --model M --modes kv,ka --out R             # GPUs
-    torchrun --nproc_per_node 2 examples/eval_ppl.py --model M --modes kv,ka --out R   # 2 CPU processes
+    python examples/eval_ppl.py --model runs/standard/best --modes kv,ka,ka-hybrid --out runs/standard/eval
+    python examples/eval_ppl.py --model runs/standard/best --text-file ../shared/data/wikitext-2-raw/test.txt \
+        --max-length 128 --stride 64 --layer-sweep --out runs/standard/eval-wikitext
+    accelerate launch examples/eval_ppl.py --model runs/standard/best --modes kv,ka --out R    # GPUs
+    torchrun --nproc_per_node 2 examples/eval_ppl.py --model runs/standard/best --out R        # 2 CPU processes
 
 Modes: kv, ka, ka-hybrid, ka@LAYERS (ka@0-2, ka@0,1,2), ka+adapter (with --adapter DIR). Writes results.json,
 results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to --out. See docs/evaluation.md.
@@ -14,22 +15,22 @@ import sys
 
 from ka_hf.errors import KAError
 from ka_hf.study import files
-from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
+from ka_hf.study.cli import (
+    accelerate_cpu,
+    add_data_arguments,
+    add_model_and_mode_arguments,
+    add_output_arguments,
+    add_runtime_arguments,
+    user_errors_exit_2,
+)
 from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, check_adapter_given, parse_modes, run_ppl_eval
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_mode_arguments(parser)
-    parser.add_argument("--out", default="eval_ppl_out", metavar="DIR", help="where results.json/.md and plots go")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-
-    data = parser.add_argument_group("data (default: the offline corpus, ka_hf.study.data.default_corpus)")
-    data.add_argument("--dataset", help="a Hub dataset name (e.g. Salesforce/wikitext)")
-    data.add_argument("--dataset-config", help="e.g. wikitext-2-raw-v1")
-    data.add_argument("--split", default="test")
-    data.add_argument("--text-file", help="a local .txt (one text per line) / .jsonl / .json / .parquet file")
-    data.add_argument("--text-column", default="text")
+    add_output_arguments(parser, default="eval_ppl_out", what="results.json/.md and the plots")
+    add_data_arguments(parser, split="test", default="the offline corpus, ka_hf.study.data.default_corpus")
 
     windows = parser.add_argument_group("windows (as in the HF perplexity guide)")
     windows.add_argument("--max-length", type=int, default=128, help="tokens per window")
@@ -51,12 +52,9 @@ def parse_args(argv=None):
         help="also PPL with KA on layers [0..k] for every k (prefix, the default) or on layer k alone",
     )
     run.add_argument("--batch-size", type=int, default=1, help="windows per forward (right padding)")
-    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
-    run.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    run.add_argument("--threads", type=int, help="torch CPU threads per process")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -74,6 +72,7 @@ def check_args(args):
         raise KAError("--max-windows must be at least 1")
     # unknown modes fail now; layer indices are checked once the model is loaded
     check_adapter_given(parse_modes(args.modes), args.adapter)
+    accelerate_cpu(args.device)  # a device that is not here fails now, before the model loads
     files.check_out_dir(args.out, args.overwrite)
 
 

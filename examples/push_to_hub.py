@@ -1,9 +1,9 @@
 """Publish a KA-trained model (or a model with its plan-1 adapter) on the Hugging Face Hub, with a model card that
 carries its training, KV-vs-KA and reversal results and says how to run it.
 
-    python examples/push_to_hub.py --model runs/ka/best --repo-id USER/NAME --dry-run     # write + list, no upload
-    python examples/push_to_hub.py --model runs/ka/best --repo-id USER/NAME --private
-    python examples/push_to_hub.py --model runs/standard/best --adapter runs/standard/adapter --repo-id USER/NAME
+    python examples/push_to_hub.py --model runs/ka/best --repo-id alice/tiny-ka --dry-run   # write + list, no upload
+    python examples/push_to_hub.py --model runs/ka/best --repo-id alice/tiny-ka --private
+    python examples/push_to_hub.py --model runs/standard/best --adapter runs/standard/adapter --repo-id alice/tiny
 
 Results files: the flags, else the results.json files found next to --model (the training run's, and eval_ppl /
 reversal_curse runs whose --model was this directory; see ka_hf.study.hub.find_results). The token is
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ka_hf.study import hub
-from ka_hf.study.cli import user_errors_exit_2
+from ka_hf.study.cli import add_output_arguments, user_errors_exit_2
 
 
 def parse_args(argv=None):
@@ -35,12 +35,11 @@ def parse_args(argv=None):
         metavar="DIR",
         help="a plan-1 adapter (examples/fit_adapter.py --out) to publish with the model: an adapter card",
     )
-    parser.add_argument(
-        "--folder",
-        metavar="OUT",
-        help="where to assemble the folder (default: a temporary one; with --dry-run: MODEL/../hub_NAME)",
+    add_output_arguments(
+        parser,
+        what="the upload is assembled in (default: a temporary one; with --dry-run: MODEL/../hub_NAME)",
+        aliases=("--folder",),
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --folder")
     parser.add_argument("--license", help="a Hub license id for the card, e.g. apache-2.0")
     args = parser.parse_args(argv)
     hub.check_repo_id(args.repo_id)
@@ -75,7 +74,7 @@ def main(argv=None):
     name = args.repo_id.split("/")[1]
     with tempfile.TemporaryDirectory(prefix="ka_hf_hub_") as scratch:
         default = Path(args.model).resolve().parent / f"hub_{name}" if args.dry_run else Path(scratch) / name
-        folder = Path(args.folder) if args.folder else default
+        folder = Path(args.out) if args.out else default
         files = hub.assemble_folder(
             args.model,
             folder,

@@ -1,8 +1,10 @@
 """The reversal curse per inference mode: forward ("A is B") vs backward ("B is A") PPL of the facts a model was
 trained on, over whole sentences and answer spans, plus greedy exact match of the answer.
 
-    python examples/reversal_curse.py --model runs/facts/best --modes kv,ka,ka-hybrid --out results/reversal
-    python examples/reversal_curse.py --model M --facts 200 --facts-seed 0 --trained-on forward --out R
+    python examples/reversal_curse.py --model runs/standard/best --facts 100 --trained-on none \
+        --modes kv,ka,ka-hybrid --out runs/standard/reversal     # a control: facts the model never saw
+    python examples/reversal_curse.py --model runs/standard/best --facts 200 --facts-seed 1 --trained-on none \
+        --templates test --out runs/standard/reversal-200
 
 The facts are ka_hf.study.facts.make_facts(--facts, --facts-seed): by default the ones recorded in the model's
 config.ka_provenance["training"]["facts"] ({"n", "seed", "include"}). Writes results.json and results.md to --out.
@@ -13,11 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from ka_hf.errors import KAError
 from ka_hf.study import files, report
-from ka_hf.study.cli import add_model_and_mode_arguments, user_errors_exit_2
+from ka_hf.study.cli import (
+    DTYPES,
+    add_model_and_mode_arguments,
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    device_of,
+    user_errors_exit_2,
+)
 from ka_hf.study.evaluation import check_adapter_given, parse_modes
 from ka_hf.study.evaluation.reversal import (
     FACT_SPLITS,
@@ -45,22 +53,20 @@ def parse_args(argv=None):
         "the model's record, else unknown",
     )
     parser.add_argument(
-        "--split",
+        "--templates",
+        dest="split",
         default="both",
         choices=(*FACT_SPLITS, "both"),
-        help="templates: test (held out), train (the training paraphrases) or both",
+        help="the fact templates to score: test (held out), train (the training paraphrases) or both",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per forward")
     parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy generation")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--out", default="reversal_out", metavar="DIR", help="where results.json/.md go")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_output_arguments(parser, default="reversal_out", what="results.json/.md")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     check_adapter_given(parse_modes(args.modes), args.adapter)  # unknown modes fail before the model loads
     check_split(args.split)
+    device_of(args)  # a device that is not here fails now
     files.check_out_dir(args.out, args.overwrite)
     return args
 
@@ -104,9 +110,9 @@ def results_markdown(record: dict) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    apply_runtime_flags(args)
+    device = device_of(args)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     modes = parse_modes(args.modes, model.config.num_hidden_layers)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     facts = facts_config(args, model)
@@ -114,7 +120,7 @@ def main(argv=None):
     if args.adapter:
         from ka_hf.adapters import load_adapter
 
-        adapter = load_adapter(args.adapter, device=args.device, dtype=model.dtype)
+        adapter = load_adapter(args.adapter, device=device, dtype=model.dtype)
         adapter.check_model(model)  # an adapter fit for another model is refused before any scoring
     results = reversal_metrics(
         model,

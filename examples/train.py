@@ -2,10 +2,11 @@
 
     python examples/train.py --attention standard --out runs/standard
     python examples/train.py --attention ka --out runs/ka
-    python examples/train.py --attention ka --text-file wiki.train.txt --val-text-file wiki.valid.txt --out runs/wiki
+    python examples/train.py --attention ka@0-1 --text-file ../shared/data/wikitext-2-raw/train.txt \
+        --val-text-file ../shared/data/wikitext-2-raw/valid.txt --out runs/wiki    # KA on layers 0 and 1 only
     python examples/train.py --resume runs/ka                  # continue an interrupted run
     python examples/train.py --resume runs/ka --overwrite      # restart it from scratch, same settings
-    accelerate launch examples/train.py --attention ka --out runs/ka   # several GPUs
+    accelerate launch examples/train.py --attention ka --out runs/ka-gpus   # several GPUs
 
 Writes the per-epoch table (epochs.md, results.json), curves.png and the best checkpoint (best/, with its
 tokenizer and config.ka recording how it was trained). See docs/training.md.
@@ -13,8 +14,17 @@ tokenizer and config.ka recording how it was trained). See docs/training.md.
 
 import argparse
 
-from ka_hf.config import ATTENTIONS, VARIANTS
-from ka_hf.study.cli import user_errors_exit_2
+from ka_hf.config import VARIANTS
+from ka_hf.study.cli import (
+    ATTENTION_HELP,
+    accelerate_cpu,
+    add_data_arguments,
+    add_output_arguments,
+    add_runtime_arguments,
+    apply_runtime_flags,
+    parse_attention,
+    user_errors_exit_2,
+)
 from ka_hf.study.models import ARCHITECTURES
 from ka_hf.study.training import PRECISIONS, SCHEDULES, TrainConfig, load_train_config, train
 
@@ -33,23 +43,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def parse_args(argv=None):
     defaults = TrainConfig(out="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", help="output directory (required unless --resume)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace what --out already holds; with --resume DIR: restart that run from scratch",
+    add_output_arguments(
+        parser, what="the run's files (required unless --resume)", overwrite_note="; with --resume DIR: restart it"
     )
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its saved settings")
 
     attention = parser.add_argument_group("attention")
-    attention.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention, help="attention to train")
+    attention.add_argument("--attention", default=defaults.attention, help=f"attention to train: {ATTENTION_HELP}")
     attention.add_argument(
         "--variant",
         choices=VARIANTS,
         default=defaults.variant,
         help="KA variant; plan2 = the original's plan 2 (see docs/plan2.md)",
     )
-    attention.add_argument("--ka-layers", type=int, nargs="+", help="layers that use KA (default: all)")
 
     model = parser.add_argument_group("model (from scratch: --arch + shape or --model-config; fine-tune: --model)")
     model.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch, help="family, from scratch")
@@ -63,14 +69,14 @@ def parse_args(argv=None):
     model.add_argument("--tokenizer", metavar="PATH_OR_ID", help="default: train a byte-level BPE on the data")
     model.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="of the trained tokenizer")
 
-    data = parser.add_argument_group("data (default: the offline corpus of stdlib docstrings)")
-    data.add_argument("--dataset", help="a Hub dataset name")
-    data.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
-    data.add_argument("--split", default=defaults.split, help="training split of --dataset")
-    data.add_argument("--val-split", default=defaults.val_split, help="validation split of --dataset")
-    data.add_argument("--text-file", help="a local .txt/.jsonl/.json/.parquet training file")
-    data.add_argument("--val-text-file", help="validation file (default: the last --val-fraction of --text-file)")
-    data.add_argument("--text-column", default=defaults.text_column, help="column of .jsonl/.json/.parquet files")
+    data = add_data_arguments(
+        parser,
+        split=defaults.split,
+        val_split=defaults.val_split,
+        val_text_file=True,
+        default="the offline corpus of stdlib docstrings; --val-text-file default: the last --val-fraction of "
+        "--text-file",
+    )
     data.add_argument(
         "--val-fraction",
         type=float,
@@ -94,8 +100,7 @@ def parse_args(argv=None):
     optim.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping")
     optim.add_argument("--seed", type=int, default=defaults.seed, help="init, data order, dropout")
     optim.add_argument("--mixed-precision", choices=PRECISIONS, default=defaults.mixed_precision, help="GPU only")
-    optim.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    optim.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_runtime_arguments(parser, dtype=False)  # precision: --mixed-precision
 
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
@@ -106,13 +111,17 @@ def parse_args(argv=None):
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
+    apply_runtime_flags(args)
     if args.resume is not None:
         config = load_train_config(args.resume)
         config.out, config.progress = args.resume, args.progress
         result = train(config, resume=True, overwrite=args.overwrite)
     else:
-        values = {key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}
-        result = train(TrainConfig(**values), overwrite=args.overwrite)
+        flags = {"resume", "overwrite", "device", "threads", "attention"}
+        values = {key: value for key, value in vars(args).items() if key not in flags}
+        attention, ka_layers = parse_attention(args.attention)
+        config = TrainConfig(**values, attention=attention, ka_layers=ka_layers, cpu=accelerate_cpu(args.device))
+        result = train(config, overwrite=args.overwrite)
     if result.is_main_process:
         print((result.out_dir / "epochs.md").read_text())
         print(f"best checkpoint: {result.best_dir}")

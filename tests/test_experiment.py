@@ -305,3 +305,49 @@ def test_training_data_holds_the_fact_directions_it_records(tmp_path, include):
     assert data["facts"] == dict(n=12, seed=3, include=include) and data["fact_texts"] == len(fact_lines)
     control = unseen_facts(facts, config.n_unseen_facts, seed=3)  # the control facts are never trained on
     assert len(control) == 12 and not any(fact.name in line for fact in control for line in lines)
+
+def test_readme_excerpt_is_rewritten_from_the_run(study, tmp_path, capsys):
+    """tools/readme_excerpts.py fills README.md's marked excerpt from a run's report.md and results.json only:
+    the rest of the README is kept, a second run changes nothing, and every number in it comes from the run."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("readme_excerpts", REPO_ROOT / "tools" / "readme_excerpts.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, record = study
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO_ROOT / "README.md").read_text())
+    original = readme.read_text()
+    assert tool.main([str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert tool.main([str(out), "--readme", str(readme), "--check"]) == 0 and readme.read_text() == text
+    outside = original.split(tool.BEGIN)[0], original.split(tool.END)[1]
+    assert (text.split(tool.BEGIN)[0], text.split(tool.END)[1]) == outside
+    block = text.split(tool.BEGIN)[1].split(tool.END)[0]
+    report_text = (out / "report.md").read_text()
+    assert tool.comparison_table(report_text) in block and tool.comparison_table(report_text).count("\n") >= 6
+    kv = record["reversal"]["standard"]["kv"]["splits"]["test"]
+    assert f"{kv['forward']['answer_ppl']:.1f} forward vs {kv['backward']['answer_ppl']:.1f} backward" in block
+
+    def leaves(value):
+        if isinstance(value, dict):
+            return [leaf for item in value.values() for leaf in leaves(item)]
+        if isinstance(value, list):
+            return [leaf for item in value for leaf in leaves(item)]
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+    from_run = set(re.findall(r"\d[\d,]*(?:\.\d+)?", report_text))
+    saved = json.loads((out / "results.json").read_text())
+    from_run |= {f"{leaf:,.{digits}f}" for leaf in leaves(saved) for digits in range(4)}
+    numbers = re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", block.replace("4.7×", ""))  # (4.7: the original's)
+    assert numbers and [n for n in numbers if n not in from_run] == []
+
+    readme.write_text(original.replace(tool.END, ""))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(out), "--readme", str(readme)])
+    assert exit_info.value.code == 2 and "exactly one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(tmp_path / "no-run"), "--readme", str(REPO_ROOT / "README.md")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err

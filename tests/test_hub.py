@@ -70,7 +70,7 @@ def ka_run(tmp_path_factory):
             "2",
             "--modes",
             "kv,ka",
-            "--split",
+            "--templates",
             "test",
             "--no-exact-match",
             "--device",

@@ -109,7 +109,7 @@ def commands(model_dir, text_file, out):
                 str(model_dir),
                 "--modes",
                 "kv",
-                "--split",
+                "--templates",
                 "test",
                 "--no-exact-match",
                 "--device",
@@ -121,7 +121,7 @@ def commands(model_dir, text_file, out):
         ),
         "push_to_hub": (
             load_script("push_to_hub").main,
-            ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--folder", str(out)],
+            ["--model", str(model_dir), "--repo-id", "alice/tiny", "--dry-run", "--out", str(out)],
         ),
     }
 

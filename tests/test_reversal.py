@@ -275,7 +275,7 @@ def test_script_flags_override_the_record(model_dir, tmp_path, capsys):
             "3",
             "--trained-on",
             "both",
-            "--split",
+            "--templates",
             "test",
             "--no-exact-match",
             "--out",

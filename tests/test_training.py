@@ -189,7 +189,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, text_file, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--attention", "sideways", "--out", str(tmp_path / "e")])
-    assert exit_info.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: --attention 'sideways': use standard, ka" in capsys.readouterr().err
 
 
 def test_train_script_end_to_end(tmp_path, text_file, capsys):

@@ -749,18 +749,21 @@ def _reversal_split(mode_record) -> str:
 
 
 def main(argv=None):
-    from .cli import user_errors_exit_2
+    from .cli import (
+        accelerate_cpu,
+        add_data_arguments,
+        add_output_arguments,
+        add_runtime_arguments,
+        apply_runtime_flags,
+        user_errors_exit_2,
+    )
 
     parser = argparse.ArgumentParser(
         prog="python -m ka_hf.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="quick", choices=list(PRESETS))
-    parser.add_argument("--out", default="runs/quick", help="output directory (default: runs/quick)")
-    parser.add_argument("--text-file", help="train on this text file instead of the offline default corpus")
-    parser.add_argument("--val-text-file", help="validation text (default: the last tenth of --text-file)")
-    parser.add_argument("--dataset", help="a Hub dataset name (needs network) with train/validation splits")
-    parser.add_argument("--dataset-config")
-    parser.add_argument("--text-column", default="text")
+    add_output_arguments(parser, default="runs/quick", what="the report, results, models and plots")
+    add_data_arguments(parser, val_text_file=True, default="the offline corpus; --val-text-file: the last tenth")
     parser.add_argument("--facts", type=int, help="number of reversal-curse facts mixed into training")
     parser.add_argument("--facts-include", choices=["forward", "backward", "both"])
     parser.add_argument("--epochs", type=int)
@@ -779,9 +782,7 @@ def main(argv=None):
         "proves the preset runs (minutes on a CPU); its numbers mean nothing",
     )
     parser.add_argument("--test-text-file", help="the evaluation windows' text (default: the validation text)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    add_runtime_arguments(parser, dtype=False)
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -791,6 +792,7 @@ def main(argv=None):
 
     @user_errors_exit_2
     def run():
+        apply_runtime_flags(args)
         config = ExperimentConfig.from_preset(
             args.preset,
             args.out,
@@ -807,8 +809,8 @@ def main(argv=None):
             seeds=args.seeds,
             smoke=args.smoke,
             test_text_file=args.test_text_file,
-            cpu=args.cpu or None,
-            progress=not args.no_progress,
+            cpu=None if args.device == "auto" else accelerate_cpu(args.device),  # None: the preset's
+            progress=args.progress,
         )
         record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
         print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")

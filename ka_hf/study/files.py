@@ -42,6 +42,16 @@ def check_out_dir(folder, overwrite: bool = False, flags: str = "--overwrite", o
     return folder
 
 
+def check_out_file(path, overwrite: bool = False, option: str = "--out") -> Path:
+    """Refuse (KAError, one line) a results file that exists already unless `overwrite`. Deletes nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise KAError(f"{path} is a folder, not a file: choose another {option}")
+    if path.exists() and not overwrite:
+        raise KAError(f"{path} already exists: pass --overwrite to replace it, or choose another {option}")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in `path`'s folder; on success it replaces `path` (os.replace), on an error it is

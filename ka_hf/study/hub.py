@@ -538,7 +538,7 @@ def _copy(source: Path, target: Path) -> Path:
 
 
 def _check_upload_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    files.check_out_dir(out_dir, overwrite, option="--folder")
+    files.check_out_dir(out_dir, overwrite, option="--out")
     resolved = out_dir.resolve()
     if any(resolved == path.resolve() or resolved in path.resolve().parents for path in inputs):
         raise KAError(f"{out_dir} holds the model, adapter or results being published: choose another folder")

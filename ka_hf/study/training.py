@@ -142,6 +142,10 @@ def check_config(config: TrainConfig) -> None:
             num_kv_heads=config.num_kv_heads,
             intermediate_size=config.intermediate_size,
         )
+    if config.model is None and config.model_config is None:
+        bad_layers = [i for i in config.ka_layers or () if not 0 <= i < config.num_layers]
+        if bad_layers:  # (a fine-tuned or --model-config model's layers are checked once it is built)
+            raise KAError(f"ka_layers {bad_layers} do not exist: the model has {config.num_layers} layers")
     if config.variant != "ka" and config.attention != "ka":
         raise KAError("a KA variant only applies to KA training: add attention='ka' (--attention ka)")
     if config.dataset is not None and config.text_file is not None:
@@ -286,7 +290,11 @@ def training_record(config: TrainConfig, **extra) -> dict:
         "dataset",
         "dataset_config",
         "split",
+        "val_split",
         "text_file",
+        "val_text_file",  # with val_fraction: which text was held out (what fit_adapter.py scores by default)
+        "val_fraction",
+        "text_column",
         "samples",
         "seq_len",
         "epochs",

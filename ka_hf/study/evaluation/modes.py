@@ -131,14 +131,16 @@ def parse_modes(text: str, num_layers: int | None = None) -> list[Mode]:
 
 
 def parse_mode(text: str, num_layers: int | None = None) -> Mode:
-    kind, _, layer_text = text.strip().partition("@")
-    if kind not in KINDS or (kind == "kv" and layer_text):
+    kind, at, layer_text = text.strip().partition("@")
+    if kind not in KINDS or (kind == "kv" and at):
         raise KAError(f"unknown mode {text!r}: use {MODES_HELP}")
     if kind in WINDOW_KINDS:
         match = _WINDOW_PART.match(layer_text)
         if not match or int(match.group(1)) < 1:
             raise KAError(f"mode {text!r} needs a window size: write {kind}@W or {kind}@W+S (S sink tokens)")
         return Mode(kind, window=int(match.group(1)), sink=int(match.group(2) or 0))
+    if at and not layer_text:  # "ka@" is a mistake, never "every layer"
+        raise KAError(f"mode {text!r} names no layers after @: write e.g. {kind}@0-2")
     if not layer_text:
         return Mode(kind)
     return Mode(kind, parse_layers(layer_text, num_layers, mode_text=text))

@@ -9,13 +9,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from ka_hf.config import num_kv_heads
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
 
 from .. import report
+from ..cli import DTYPES, accelerate_cpu, apply_runtime_flags
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
 from ..records import EvalRecord
@@ -23,7 +22,6 @@ from .modes import DEFINITIONS, check_adapter_given, layer_sweep_modes, parse_mo
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 
 SWEEPS = ("prefix", "single")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TABLE_COLUMNS = [
     ("mode", "mode"),
     ("ppl", "PPL"),
@@ -60,7 +58,7 @@ class PplRun:
     batch_size: int = 1
     dtype: str = "float32"
     mixed_precision: str | None = None
-    cpu: bool = False
+    device: str = "auto"  # as --device: auto, cpu, cuda (accelerate places the processes)
     threads: int | None = None
     seed: int = 0
     progress: bool = True
@@ -73,9 +71,8 @@ def run_ppl_eval(run: PplRun) -> dict | None:
     from accelerate import Accelerator
 
     report.check_out_dir(run.out, run.overwrite)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    accelerator = Accelerator(cpu=run.cpu or not torch.cuda.is_available(), mixed_precision=run.mixed_precision)
+    apply_runtime_flags(run)
+    accelerator = Accelerator(cpu=accelerate_cpu(run.device), mixed_precision=run.mixed_precision)
     try:
         return _run(run, accelerator)
     finally:
