@@ -306,6 +306,7 @@ def test_training_data_holds_the_fact_directions_it_records(tmp_path, include):
     control = unseen_facts(facts, config.n_unseen_facts, seed=3)  # the control facts are never trained on
     assert len(control) == 12 and not any(fact.name in line for fact in control for line in lines)
 
+
 def test_readme_excerpt_is_rewritten_from_the_run(study, tmp_path, capsys):
     """tools/readme_excerpts.py fills README.md's marked excerpt from a run's report.md and results.json only:
     the rest of the README is kept, a second run changes nothing, and every number in it comes from the run."""
