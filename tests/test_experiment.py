@@ -352,3 +352,26 @@ def test_readme_excerpt_is_rewritten_from_the_run(study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main([str(tmp_path / "no-run"), "--readme", str(REPO_ROOT / "README.md")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_finished_report_can_be_rewritten_from_its_results(study, tmp_path):
+    """python -m ka_hf.study.experiment_report DIR: the same report from results.json alone (no models needed)."""
+    import shutil
+
+    out, _ = study
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "results.json", copy / "results.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "ka_hf.study.experiment_report", str(copy)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    assert (copy / "layer_sweep.png").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "ka_hf.study.experiment_report", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error:")

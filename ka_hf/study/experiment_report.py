@@ -391,3 +391,36 @@ def write_experiment_report(record: dict, out: Path) -> dict:
     report.write_text(report_path, "\n\n".join(sections) + "\n")
     results_path = report.write_json(out / "results.json", StudyRecord.build(record))
     return dict(report=report_path, results=results_path, **plots)
+
+
+def rewrite_report(out: Path) -> dict:
+    """Write DIR/report.md, its plots and results.json again from DIR/results.json, with this version's verdicts
+    (recomputed from each seed's findings): a finished run's report after upgrading ka_hf, without re-running it."""
+    from .records import read
+    from .verdicts import summarize, verdicts
+
+    record = read(Path(out) / "results.json", "study").to_dict()
+    per_seed = record["findings"]["per_seed"]
+    record["findings"] |= dict(summary=summarize(per_seed), verdicts=verdicts(per_seed))
+    files = write_experiment_report(record, out)
+    record["files"] = {name: str(path) for name, path in files.items()}
+    report.write_json(Path(out) / "results.json", StudyRecord.build(record))
+    return files
+
+
+def main(argv=None):
+    import argparse
+
+    from .cli import user_errors_exit_2
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ka_hf.study.experiment_report",
+        description="Rewrite a finished study's report.md, plots and results.json from its results.json.",
+    )
+    parser.add_argument("out", help="the study's output folder (it holds results.json)")
+    args = parser.parse_args(argv)
+    user_errors_exit_2(lambda: print(f"report: {rewrite_report(Path(args.out))['report']}"))()
+
+
+if __name__ == "__main__":
+    main()
