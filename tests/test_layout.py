@@ -14,10 +14,12 @@ STUDY_ONLY = ("matplotlib", "datasets", "evaluate")  # never loaded by `import k
 # Loaded by `import ka_hf` only where torch or transformers load them themselves (torch.hub imports tqdm;
 # transformers imports jinja2 and, for its modeling utilities, accelerate when installed).
 STUDY_ONLY_UNLESS_UPSTREAM = ("accelerate", "jinja2", "tqdm")
+# Optional extras: library modules that only their own import loads (`import ka_hf.lm_eval`), with their dependency.
+EXTRAS = {PACKAGE / "lm_eval": "lm_eval"}
 
 ACCEPTANCE_CHECK = (
     "import ka_hf, sys; print(sorted(m for m in sys.modules if m.startswith('ka_hf') or "
-    "m.split('.')[0] in ('matplotlib','datasets','accelerate','jinja2','evaluate','tqdm')))"
+    "m.split('.')[0] in ('matplotlib','datasets','accelerate','jinja2','evaluate','tqdm','lm_eval')))"
 )
 
 
@@ -79,9 +81,11 @@ def test_import_ka_hf_loads_neither_the_study_nor_its_dependencies():
     loaded = _python(ACCEPTANCE_CHECK)
     assert "ka_hf" in loaded and not [m for m in loaded if m == "ka_hf.study" or m.startswith("ka_hf.study.")]
     assert not [m for m in loaded if m.split(".")[0] in STUDY_ONLY]
+    assert not [m for m in loaded if m.split(".")[0] in EXTRAS.values() or m.startswith("ka_hf.lm_eval")]
 
     # What the library's own module-level third-party imports (torch, transformers, ...) load without ka_hf.
-    upstream = sorted({module for path in _library_files() for module in _third_party_imports(path)})
+    core = [path for path in _library_files() if not any(extra in path.parents for extra in EXTRAS)]
+    upstream = sorted({module for path in core for module in _third_party_imports(path)})
     baseline = _python(
         "import sys; "
         + "; ".join(f"import {module}" for module in upstream)

@@ -2,32 +2,15 @@
 and reads the same way (device, dtype, threads, progress, output folder, model and modes, data, layers)."""
 
 import argparse
-import functools
-import sys
 
 import torch
 
-from ka_hf.errors import KAError
+from ka_hf.errors import KAError, user_errors_exit_2  # noqa: F401 (the scripts import user_errors_exit_2 from here)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps"
 ATTENTION_HELP = "standard, ka (every layer) or ka@LAYERS (e.g. ka@0-1 or ka@0,2: KA on those layers only)"
-
-
-def user_errors_exit_2(main):
-    """Wrap a script's main(): a user error (KAError: bad input, missing files) prints one `error: ...` line to
-    stderr and exits 2, no traceback. Anything else (KAInternalError, a bug) propagates with its traceback."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except KAError as error:
-            print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +25,7 @@ def add_model_arguments(parser, what: str = "the model") -> None:
 
 def add_model_and_mode_arguments(parser) -> None:
     """--model, --tokenizer, --modes, --adapter: the same meaning in every script that evaluates modes."""
-    from .evaluation.modes import MODES_HELP
+    from ka_hf.modes import MODES_HELP
 
     add_model_arguments(parser)
     parser.add_argument("--modes", default="kv,ka,ka-hybrid", help=f"comma-separated: {MODES_HELP}")

@@ -9,7 +9,8 @@ metric as an `evaluate` module: `evaluate.load(KA_PERPLEXITY_METRIC)`.
 
 from pathlib import Path
 
-from .modes import DEFINITIONS, MODES_HELP, Mode, check_adapter_given, layer_sweep_modes, parse_modes
+from ka_hf.modes import DEFINITIONS, MODES_HELP, Mode, check_adapter_given, layer_sweep_modes, parse_modes
+
 from .ppl import METHODS, score_mode, score_modes
 from .run import SWEEPS, PplRun, run_ppl_eval
 

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from ka_hf.cache import cache_nbytes
 from ka_hf.errors import KAError
 from ka_hf.integration import without_ka
+from ka_hf.modes import Mode
 
 from ..data import count_scored_tokens
 from ..measure import Timer, peak_memory_bytes, peak_memory_kind, reset_peak_memory
-from .modes import Mode
 
 METHODS = ("parallel", "token")
 METHOD_DESCRIPTIONS = {

@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from ka_hf.config import provenance
 from ka_hf.errors import KAError
+from ka_hf.modes import Mode
 
 from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
-from .modes import Mode
 from .ppl import batch_logits, collate, make_batches, mode_context, prompt_length, token_nll
 
 FACT_SPLITS = ("test", "train")

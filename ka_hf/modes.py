@@ -1,4 +1,5 @@
 """Inference modes by name: "kv,ka,ka-hybrid,ka@0-2,ka+adapter" -> `Mode`s that make a fresh cache per window.
+The one parser for every evaluator: the study's (eval_ppl.py, reversal) and lm-evaluation-harness's (ka_hf.lm_eval).
 
     kv          DynamicCache                 standard attention (the baseline)
     ka          KACache()                    exact KA over the whole window
