@@ -100,7 +100,7 @@ class KALM(HFLM):
     def _cacheless_attention(self):
         if self.mode.kind == "kv":
             return without_ka(self.model)
-        return exact_ka(self.model, layers=self.mode.layers)
+        return exact_ka(self.model, ka_layers=self.mode.layers)
 
     def _cache_logits(self, inps):
         """Logits of `inps` fed through a fresh cache of the mode: ka-hybrid's prompt first, then the rest."""
