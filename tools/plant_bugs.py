@@ -193,7 +193,7 @@ BUGS = [
     Bug(
         "hybrid-evaluated-as-ka",
         "eval mode ka-hybrid builds a plain KACache() (its prompt KA too): ka up to chunking noise",
-        "ka_hf/study/evaluation/modes.py",
+        "ka_hf/modes.py",
         (('prefill="standard" if self.kind == "ka-hybrid" else "ka",', 'prefill="ka",'),),
         PLUMBING_TESTS,
     ),

@@ -160,7 +160,7 @@ def apply_runtime_flags(args) -> None:
 def parse_attention(text: str) -> tuple[str, list[int] | None]:
     """--attention standard | ka | ka@LAYERS -> (attention, KA layers or None for all), through the one mode
     parser, so that layers are written as in every --modes list."""
-    from .evaluation.modes import parse_mode
+    from ka_hf.modes import parse_mode
 
     if text == "standard":
         return "standard", None
