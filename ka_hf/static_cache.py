@@ -211,3 +211,8 @@ class StaticKACache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         check_routed(self, layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def store_outputs(self, layer_idx: int, outputs: torch.Tensor) -> None:
+        """The attention's outputs for the tokens of the last update of `layer_idx`, written in place (as
+        KACache.store_outputs; a static cache never offloads)."""
+        self.layers[layer_idx].store_outputs(outputs)

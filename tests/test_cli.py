@@ -177,7 +177,7 @@ def test_train_attention_flag(tmp_path, capsys, text_file):
     from ka_hf.config import KAConfig
 
     saved = KAConfig.from_model_config(AutoConfig.from_pretrained(out / "best"))
-    assert saved.attention == "ka" and list(saved.layers) == [1]
+    assert saved.attention == "ka" and list(saved.ka_layers) == [1]
 
 
 @pytest.fixture(scope="module")

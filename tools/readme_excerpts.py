@@ -67,7 +67,8 @@ def introduction(record: dict) -> str:
     return (
         f"An excerpt of a real report (`--preset {config['preset']}`, {record['environment']['device']}, "
         f"{record['timings_s']['total']:.0f} s in all; a {model['num_layers']}-layer {model['model_type']} of "
-        f"{model['parameters'] / 1e6:.2f}M parameters, {config['samples']:,} blocks of {config['seq_len']} tokens, "
+        f"{model['parameters'] / 1e6:.2f}M parameters, {record['training']['standard']['train_blocks']:,} blocks of "
+        f"{config['seq_len']} tokens, "
         f"at most {config['epochs']} epochs; every model and mode scored on the same {windows['count']} validation "
         f"windows of {windows['max_length']} tokens):"
     )
@@ -75,6 +76,7 @@ def introduction(record: dict) -> str:
 
 def reversal_sentence(record: dict) -> str:
     facts, reversal = record["data"]["facts"], record["reversal"]
+    verdicts = record["findings"]["verdicts"]
     split = "test" if "test" in reversal["standard"]["kv"]["splits"] else "train"
     templates = "held-out templates" if split == "test" else "training templates"
 
@@ -88,9 +90,9 @@ def reversal_sentence(record: dict) -> str:
     return (
         f"Reversal curse ({facts['n']} facts trained {facts['include']} only, {templates}): the standard model's "
         f"answer PPL is {answers('standard', 'kv')} under KV and {answers('standard', 'ka')} under a KA cache; the "
-        f"KA-trained model under KA: {answers('ka', 'ka')}. KA training cost "
-        f"{record['findings']['train_time_ratio']:.2f}× the standard training time here (the original project's "
-        "token loop: 4.7×)."
+        f"KA-trained model under KA: {answers('ka', 'ka')}. Against {record['data']['unseen_facts']} unseen facts: "
+        f"{verdicts['reversal_standard']['text']} {verdicts['train_time']['text']} (The original project's token "
+        "loop: 4.7×.)"
     )
 
 
