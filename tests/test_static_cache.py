@@ -103,7 +103,7 @@ def test_beam_search_and_reset_for_a_second_batch():
 def test_cache_implementation_static_on_a_ka_model():
     """generate(cache_implementation="static") on a model whose config asks for KA builds a StaticKACache (sized as
     transformers sizes its StaticCache), equal to the KACache that generate() uses by default."""
-    model = enable_ka(feature_model("qwen2-sliding"), layers=[0, 2])
+    model = enable_ka(feature_model("qwen2-sliding"), ka_layers=[0, 2])
     input_ids, padding = prompt_batch()
     static, static_steps = generate_with_float64_logits(
         model, input_ids, padding, do_sample=False, cache_implementation="static"
@@ -124,7 +124,7 @@ def test_cache_implementation_static_on_a_ka_model():
 def test_layer_subset_and_hybrid_prefill(name):
     model = feature_model(name)
     input_ids, padding = padded_batch()
-    with exact_ka(model, layers=[1]):  # cache-less exact KA on layer 1 only, standard attention elsewhere
+    with exact_ka(model, ka_layers=[1]):  # cache-less exact KA on layer 1 only, standard attention elsewhere
         expected = model(input_ids, attention_mask=padding, position_ids=oracle.generate_position_ids(padding)).logits
     subset = chunked_logits(
         model, StaticKACache(config=model.config, max_cache_len=MAX_LEN, ka_layers=[1]), input_ids, padding
