@@ -90,7 +90,7 @@ def reversal_sentence(record: dict) -> str:
     return (
         f"Reversal curse ({facts['n']} facts trained {facts['include']} only, {templates}): the standard model's "
         f"answer PPL is {answers('standard', 'kv')} under KV and {answers('standard', 'ka')} under a KA cache; the "
-        f"KA-trained model under KA: {answers('ka', 'ka')}. Against {record['data']['unseen_facts']} unseen facts: "
+        f"KA-trained model under KA: {answers('ka', 'ka')}. The unseen-facts control ({record['data']['unseen_facts']} facts never trained on): "
         f"{verdicts['reversal_standard']['text']} {verdicts['train_time']['text']} (The original project's token "
         "loop: 4.7×.)"
     )

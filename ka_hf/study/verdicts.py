@@ -189,10 +189,12 @@ def depth_verdict(per_seed: list) -> dict:
     last = [f["sweep_ppl"][-1] for f in per_seed]
     layers = len(per_seed[0]["sweep_ppl"])
     seeds = len(per_seed)
-    where = "in every seed" if monotone == seeds else f"in {monotone} of {seeds} seeds"
+    where = f"in {monotone} of {seeds} seeds" if monotone < seeds else ("in every seed" if seeds > 1 else "")
     numbers = f"PPL {_ppl(first)} with KA on layer 0, {_ppl(last)} on all {layers} layers"
     if monotone == seeds:
-        return dict(verdict="rises", text=f"PPL rises with every added KA layer {where} ({numbers}).")
+        return dict(
+            verdict="rises", text=f"PPL rises with every added KA layer{' ' + where if where else ''} ({numbers})."
+        )
     return dict(
         verdict="not-monotone",
         text=f"PPL does not rise with every added KA layer: it does {where} ({numbers}).",
