@@ -11,12 +11,12 @@ outside the markers changes.
 """
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 from ka_hf.errors import KAError
+from ka_hf.study import records
 from ka_hf.study.cli import user_errors_exit_2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +26,10 @@ BEGIN, END = f"<!-- begin excerpt: {NAME} -->", f"<!-- end excerpt: {NAME} -->"
 
 def read_run(run_dir: Path) -> tuple[dict, str]:
     """(results.json, report.md) of a finished study run; KAError naming what is missing or wrong."""
-    results_path, report_path = run_dir / "results.json", run_dir / "report.md"
-    for path in (results_path, report_path):
-        if not path.is_file():
-            raise KAError(f"{path} does not exist: give the --out folder of a finished `python -m ka_hf.experiment`")
-    try:
-        record = json.loads(results_path.read_text())
-    except json.JSONDecodeError as error:
-        raise KAError(f"{results_path} is not valid JSON ({error})") from None
-    if record.get("kind") != "study":
-        raise KAError(f"{results_path} is not a study's results.json (its kind is {record.get('kind')!r})")
+    report_path = run_dir / "report.md"
+    record = records.read(run_dir / "results.json", "study").to_dict()
+    if not report_path.is_file():
+        raise KAError(f"{report_path} does not exist: give the --out folder of a finished `python -m ka_hf.experiment`")
     return record, report_path.read_text()
 
 

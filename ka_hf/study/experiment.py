@@ -60,7 +60,7 @@ from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recove
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
-from .verdicts import summarize, verdicts
+from .verdicts import conclusions
 
 
 @dataclass
@@ -605,7 +605,7 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
     )
     timings["total"] = time.perf_counter() - started
     record["timings_s"] = timings
-    record["findings"] = dict(per_seed=per_seed, summary=summarize(per_seed), verdicts=verdicts(per_seed))
+    record["findings"] = conclusions(per_seed)
     from .experiment_report import write_experiment_report
 
     record["files"] = write_experiment_report(record, out)

@@ -397,11 +397,10 @@ def rewrite_report(out: Path) -> dict:
     """Write DIR/report.md, its plots and results.json again from DIR/results.json, with this version's verdicts
     (recomputed from each seed's findings): a finished run's report after upgrading ka_hf, without re-running it."""
     from .records import read
-    from .verdicts import summarize, verdicts
+    from .verdicts import conclusions
 
     record = read(Path(out) / "results.json", "study").to_dict()
-    per_seed = record["findings"]["per_seed"]
-    record["findings"] |= dict(summary=summarize(per_seed), verdicts=verdicts(per_seed))
+    record["findings"] = conclusions(record["findings"]["per_seed"])
     files = write_experiment_report(record, out)
     record["files"] = {name: str(path) for name, path in files.items()}
     report.write_json(Path(out) / "results.json", StudyRecord.build(record))

@@ -297,3 +297,8 @@ def verdicts(per_seed: list) -> dict:
     for model in per_seed[0].get("reversal_control", {}):
         result[f"reversal_{model}"] = reversal_verdict(per_seed, model)
     return result
+
+
+def conclusions(per_seed: list) -> dict:
+    """A run's findings: each seed's, their summary over the seeds, and the verdicts."""
+    return dict(per_seed=per_seed, summary=summarize(per_seed), verdicts=verdicts(per_seed))
