@@ -5,20 +5,15 @@ outputs, exactly (KA-SPEC §2) and in parallel (§3).
     model.generate(**inputs, past_key_values=ka_hf.KACache())
 """
 
-from .cache import KACache, KALayer, KAWindowLayer, KVWindowCache, cache_nbytes
-from .config import KAConfig
+from .architectures import SUPPORTED_ARCHITECTURES
+from .cache import KACache, KVWindowCache, cache_nbytes
+from .config import KAConfig, disable_ka, enable_ka, exact_ka, ka_spec, without_ka
 from .errors import KAError
-from .integration import (
-    SUPPORTED_ARCHITECTURES,
-    disable_ka,
-    enable_ka,
-    exact_ka,
-    install,
-    ka_spec,
-    uninstall,
-    window_attention_mask,
-    without_ka,
-)
+from .integration import install, uninstall
+from .layers import KALayer, KAWindowLayer, KVWindowLayer
+from .masks import window_attention_mask
+from .pretrained import load_ka_model
+from .settings import KASettings
 from .static_cache import StaticKACache, StaticKALayer
 
 install()
@@ -30,8 +25,10 @@ __all__ = [
     "KAConfig",
     "KAError",
     "KALayer",
+    "KASettings",
     "KAWindowLayer",
     "KVWindowCache",
+    "KVWindowLayer",
     "SUPPORTED_ARCHITECTURES",
     "StaticKACache",
     "StaticKALayer",
@@ -39,8 +36,9 @@ __all__ = [
     "disable_ka",
     "enable_ka",
     "exact_ka",
-    "ka_spec",
     "install",
+    "ka_spec",
+    "load_ka_model",
     "uninstall",
     "window_attention_mask",
     "without_ka",

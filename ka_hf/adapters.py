@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import num_kv_heads
+from .architectures import num_kv_heads
 from .errors import KAError
 
 WEIGHTS_NAME = "adapter.safetensors"

@@ -1,41 +1,41 @@
-"""The typed KA settings a model carries in `model.config.ka`, and the record of how it came to be KA.
+"""A model's own KA setting, `model.config.ka`: the typed `KAConfig`, and the calls that set it.
 
-    cfg = KAConfig(ka_layers=[0, 1], kernel="blocked")     # validated on construction
-    model.config.ka = cfg.to_dict()                         # what enable_ka does; save_pretrained keeps it
-    KAConfig.from_model_config(model.config)                # -> KAConfig, or None when the model has no KA section
+    ka_hf.enable_ka(model, ka_layers=[0, 1])     # every forward runs KA on layers 0, 1 (saved by save_pretrained)
+    with ka_hf.exact_ka(model): ...              # the same, within the block only (training, scoring)
+    with ka_hf.without_ka(model): ...            # standard attention within the block
+    KAConfig.from_model_config(model.config)     # -> KAConfig, or None when the model has no KA section
 
-In the manner of transformers' `quantization_config`: a dataclass with to_dict / from_dict, stored in the config
-as a plain dict (so config.json stays JSON). `KAConfig` owns the runtime settings only — attention ("ka" |
-"standard"), ka_layers, variant, kernel, block_size. How a model was trained (the training record, the facts it
-saw) is provenance and lives apart, in `model.config.ka_provenance` (`provenance()`, `record_provenance()`).
-
-Old config.json files have one flat `ka` dict with `attention`, `layers`, `variant`, `block_size` and possibly
-`training` or other record keys: `KAConfig.from_dict` reads the runtime keys (`layers` as the former name of
-`ka_layers`, the same name `KACache(ka_layers=...)` uses) and ignores the rest, and `provenance()` finds those other
-keys there when the model has no `ka_provenance`.
+In the manner of transformers' `quantization_config`: a frozen dataclass with to_dict / from_dict, stored in the
+config as a plain dict (so config.json stays JSON). `KAConfig` owns the runtime setting only — attention ("ka" |
+"standard"), ka_layers, variant, kernel, block_size — and makes, once, the `KASettings` its layers compute with.
+How a model was trained (the training record, the facts it saw) is provenance and lives apart, in
+`model.config.ka_provenance` (`provenance()`, `record_provenance()`).
 """
 
-from dataclasses import dataclass, fields
+import contextlib
+from dataclasses import dataclass, field, fields
 
+from .architectures import ModelSignature
 from .errors import KAError
-from .ops.common import DEFAULT_BLOCK_SIZE
-from .ops.kernels import KERNELS, VARIANTS, check_kernel
+from .ops import DEFAULT_BLOCK_SIZE, KERNELS, VARIANTS
+from .settings import KASettings
+from .wrapped import unwrap_model
 
 CONFIG_KEY = "ka"
 PROVENANCE_KEY = "ka_provenance"
 ATTENTIONS = ("ka", "standard")
-LEGACY_LAYERS_KEY = "layers"  # config.json files written before `ka_layers` call the selection this
 
 
 @dataclass(frozen=True)
 class KAConfig:
-    """The KA runtime settings of a model. attention "standard" keeps the other settings for later."""
+    """The KA runtime setting of a model. attention "standard" keeps the other settings for later."""
 
     attention: str = "ka"  # "ka" | "standard"
     ka_layers: tuple[int, ...] | None = None  # layers that run KA; None = every layer
     variant: str = "ka"  # one of VARIANTS ("plan2": the original project's plan 2, docs/plan2.md)
-    kernel: str = "auto"  # one of KERNELS
+    kernel: str = "auto"  # one of KERNELS (ka_hf.ops.kernels)
     block_size: int | None = DEFAULT_BLOCK_SIZE  # tokens per block of the blocked/parallel kernels; None = one
+    settings: KASettings = field(init=False, repr=False, compare=False)  # what the KA layers compute with
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -46,10 +46,7 @@ class KAConfig:
             ):
                 raise KAError(f"KA layers must be layer indices (ints >= 0) or None, got {self.ka_layers!r}")
             object.__setattr__(self, "ka_layers", tuple(sorted(set(self.ka_layers))))
-        try:
-            check_kernel(self.kernel, self.variant, self.block_size)
-        except ValueError as error:
-            raise KAError(str(error)) from None
+        object.__setattr__(self, "settings", KASettings(self.variant, self.kernel, self.block_size))
 
     @property
     def is_ka(self) -> bool:
@@ -61,19 +58,22 @@ class KAConfig:
 
     def to_dict(self) -> dict:
         """What config.json holds (layers as a list or null)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         values["ka_layers"] = None if self.ka_layers is None else list(self.ka_layers)
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "KAConfig":
-        """From a `ka` section, old or new: the runtime keys are read, anything else (provenance) is ignored."""
         if not isinstance(values, dict):
             raise KAError(f"config.ka must be a dict, got {type(values).__name__}")
-        if LEGACY_LAYERS_KEY in values and "ka_layers" not in values:  # written before the rename
-            values = {("ka_layers" if key == LEGACY_LAYERS_KEY else key): value for key, value in values.items()}
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KAError(
+                f"config.ka has unknown keys {unknown}: it holds {sorted(known)} (how a model was trained goes in "
+                f"config.{PROVENANCE_KEY})"
+            )
+        return cls(**values)
 
     @classmethod
     def from_model_config(cls, config) -> "KAConfig | None":
@@ -87,36 +87,91 @@ class KAConfig:
         return KAConfig(**(self.to_dict() | changes))
 
 
+def ka_spec(config) -> KAConfig | None:
+    """The KA setting recorded in a model config, or None when the model runs standard attention."""
+    setting = KAConfig.from_model_config(config)
+    return setting if setting is not None and setting.is_ka else None
+
+
 def provenance(config) -> dict:
-    """How the model came to be what it is (e.g. {"training": {...}}): config.ka_provenance, or, for a config.json
-    written before provenance had its own key, the non-runtime keys of its flat `ka` section."""
+    """How the model came to be what it is (e.g. {"training": {...}}): config.ka_provenance, or {}."""
     recorded = getattr(config, PROVENANCE_KEY, None)
-    if isinstance(recorded, dict):
-        return recorded
-    section = getattr(config, CONFIG_KEY, None)
-    if isinstance(section, dict):
-        return {key: value for key, value in section.items() if key not in _runtime_keys()}
-    return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def record_provenance(config, **record) -> None:
-    """Add `record` (e.g. training={...}) to config.ka_provenance, moving an old flat section's records there."""
-    merged = dict(provenance(config)) | record
-    setattr(config, PROVENANCE_KEY, merged)
-    section = getattr(config, CONFIG_KEY, None)
-    if isinstance(section, dict):  # the runtime section keeps runtime keys only
-        setattr(config, CONFIG_KEY, {key: value for key, value in section.items() if key in _runtime_keys()})
+    """Add `record` (e.g. training={...}) to config.ka_provenance."""
+    setattr(config, PROVENANCE_KEY, provenance(config) | record)
 
 
-def _runtime_keys() -> set[str]:
-    return {f.name for f in fields(KAConfig)} | {LEGACY_LAYERS_KEY}
+def enable_ka(
+    model, ka_layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE
+):
+    """Make `model` run exact KA attention on `ka_layers` (None = all) in every forward, with or without a cache.
+
+    `kernel` picks how KA is computed ("auto", "blocked", "parallel" or "loop"; see `ka_hf.ops.kernels`) and
+    `block_size` how many tokens a block holds. The setting lives in `model.config.ka`, so `save_pretrained` keeps
+    it and a model loaded back (with ka_hf imported) runs KA again; `generate()` then uses a `KACache` by default.
+    How the model was trained goes apart: `record_provenance(model.config, training={...})`. A wrapped model
+    (DDP, FSDP2, PEFT, torch.compile, accelerate) is set through the model it wraps. Returns `model`.
+    """
+    target = unwrap_model(model)
+    ModelSignature.of(target.config)  # a supported model type with a valid head layout
+    setting = KAConfig(
+        attention="ka",
+        ka_layers=None if ka_layers is None else [int(i) for i in ka_layers],
+        variant=variant,
+        kernel=kernel,
+        block_size=block_size,
+    )
+    setattr(target.config, CONFIG_KEY, setting.to_dict())
+    return model
 
 
-def num_kv_heads(config) -> int:
-    """Key/value heads of a transformers config: num_key_value_heads (GQA), else the attention heads (MHA).
-    The one home of this rule (ka_hf.cache keeps its own copy for now; it should call this)."""
-    heads = getattr(config, "num_key_value_heads", None)
-    return heads or config.num_attention_heads
+def disable_ka(model):
+    """Back to standard attention for cache-less forwards (the other settings and the provenance are kept).
+    Returns the model."""
+    config = unwrap_model(model).config
+    current = KAConfig.from_model_config(config) or KAConfig()
+    setattr(config, CONFIG_KEY, current.replace(attention="standard").to_dict())
+    return model
+
+
+@contextlib.contextmanager
+def _config_ka_within(model, set_section):
+    config = unwrap_model(model).config
+    saved = {key: (hasattr(config, key), getattr(config, key, None)) for key in (CONFIG_KEY, PROVENANCE_KEY)}
+    set_section(model)
+    try:
+        yield model
+    finally:
+        for key, (had, previous) in saved.items():
+            if had:
+                setattr(config, key, previous)
+            elif hasattr(config, key):  # leave no `"ka": null` behind for save_pretrained
+                delattr(config, key)
+
+
+def exact_ka(
+    model, ka_layers=None, variant: str = "ka", kernel: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE
+):
+    """Within the block, forwards of `model` use exact parallel KA attention (gradients flow):
+
+        with ka_hf.exact_ka(model):
+            loss = model(input_ids, labels=input_ids).loss
+        loss.backward()          # also with gradient checkpointing: the recomputation runs KA too
+
+    kernel="loop" runs the token-by-token reference instead (slow; for checking).
+    """
+    return _config_ka_within(
+        model, lambda m: enable_ka(m, ka_layers=ka_layers, variant=variant, kernel=kernel, block_size=block_size)
+    )
+
+
+def without_ka(model):
+    """Within the block, cache-less forwards of `model` use standard attention, even if its config asks for KA
+    (e.g. reading a KA-trained model with a KV cache). A KACache passed explicitly still runs KA."""
+    return _config_ka_within(model, disable_ka)
 
 
 __all__ = [
@@ -126,7 +181,11 @@ __all__ = [
     "KERNELS",
     "PROVENANCE_KEY",
     "VARIANTS",
-    "num_kv_heads",
+    "disable_ka",
+    "enable_ka",
+    "exact_ka",
+    "ka_spec",
     "provenance",
     "record_provenance",
+    "without_ka",
 ]

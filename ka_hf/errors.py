@@ -14,9 +14,6 @@ class KAError(ValueError):
     """Bad input or an unsupported setup, with a message that says what to do instead."""
 
 
-KAUserError = KAError  # the same class, by the name that says which kind it is
-
-
 class KAInternalError(RuntimeError):
     """An invariant of ka_hf does not hold: a bug to report (with its traceback), not a problem with the input."""
 

@@ -1,5 +1,6 @@
 """Inference modes by name: "kv,ka,ka-hybrid,ka@0-2,ka+adapter" -> `Mode`s that make a fresh cache per window.
 The one parser for every evaluator: the study's (eval_ppl.py, reversal) and lm-evaluation-harness's (ka_hf.lm_eval).
+What each mode means in a report (`describe`) is the study's: ka_hf.study.evaluation.modes.
 
     kv          DynamicCache                 standard attention (the baseline)
     ka          KACache()                    exact KA over the whole window
@@ -26,27 +27,6 @@ from ka_hf.errors import KAError
 
 KINDS = ("kv", "ka", "ka-hybrid", "ka+adapter", "kv-window", "ka-window")
 WINDOW_KINDS = ("kv-window", "ka-window")
-
-DEFINITIONS = {
-    "kv": "standard attention (DynamicCache semantics): the baseline",
-    "ka": "exact KA on every layer: a_i = sum_{j<i} w_ij a_j + w_ii v_i, KACache()",
-    "ka-hybrid": (
-        "KACache(prefill='standard'): the window's context tokens (the first max_length - trg_len tokens, which "
-        "are not scored; if there are none, the first token) are a prompt computed with standard attention and "
-        "cached as A; the remaining tokens are fed through the KA cache"
-    ),
-    "ka@LAYERS": "exact KA on the listed layers only (KACache(ka_layers=[...])), standard attention elsewhere",
-    "ka+adapter": "exact KA with the plan-1 adapter f applied to cached outputs (KACache(adapter=...))",
-    "kv-window": (
-        "standard attention with a bounded cache, ka_hf.KVWindowCache(window={window}, sink={sink}): each token "
-        "sees the first {sink} tokens and the last {window} (itself included); older (K, V) are evicted "
-        "(StreamingLLM style)"
-    ),
-    "ka-window": (
-        "exact KA with a bounded cache, KACache(window={window}, sink={sink}): each token sees the first {sink} "
-        "tokens and the last {window} (itself included); evicted tokens live on only through the outputs A they fed"
-    ),
-}
 
 MODES_HELP = (
     "kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2 or ka@0,1,2), ka+adapter, kv-window@W, ka-window@W "
@@ -79,16 +59,6 @@ class Mode:
     def needs_adapter(self) -> bool:
         return self.kind == "ka+adapter"
 
-    @property
-    def definition(self) -> str:
-        if self.window is not None:
-            return DEFINITIONS[self.kind].format(window=self.window, sink=self.sink)
-        if self.layers is None:
-            return DEFINITIONS[self.kind]
-        if self.kind == "ka":
-            return f"exact KA on layers {list(self.layers)} only, standard attention elsewhere (KACache(ka_layers=...))"
-        return f"{DEFINITIONS[self.kind]}; KA on layers {list(self.layers)} only, standard attention on the others"
-
     def new_cache(self, adapter=None):
         """A fresh, empty cache for one window (one cache per model and per batch)."""
         if self.kind == "kv":
@@ -98,18 +68,12 @@ class Mode:
         if self.kind == "ka-window":
             return KACache(window=self.window, sink=self.sink)
         if self.needs_adapter and adapter is None:
-            raise KAError(f"mode {self.name} needs an adapter: pass --adapter DIR")
+            raise KAError(f"mode {self.name} needs a plan-1 adapter (ka_hf.adapters.load_adapter(DIR))")
         return KACache(
             prefill="standard" if self.kind == "ka-hybrid" else "ka",
             ka_layers=None if self.layers is None else list(self.layers),
             adapter=adapter if self.needs_adapter else None,
         )
-
-
-def check_adapter_given(modes, adapter) -> None:
-    """ka+adapter modes need a saved plan-1 adapter: the one check, made before anything is loaded."""
-    if any(mode.needs_adapter for mode in modes) and adapter is None:
-        raise KAError("ka+adapter needs --adapter DIR (a saved plan-1 adapter)")
 
 
 def parse_modes(text: str, num_layers: int | None = None) -> list[Mode]:
@@ -164,15 +128,6 @@ def parse_layers(text: str, num_layers: int | None = None, mode_text: str = "") 
             f"mode {mode_text or text!r} names layer {max(layers)}, but the model has layers 0-{num_layers - 1}"
         )
     return tuple(sorted(layers))
-
-
-def layer_sweep_modes(num_layers: int, sweep: str = "prefix") -> list[Mode]:
-    """'prefix': KA on layers [0..k] for every k (does error accumulate over depth?); 'single': KA on layer k alone."""
-    if sweep == "prefix":
-        return [Mode("ka", tuple(range(k + 1))) for k in range(num_layers)]
-    if sweep == "single":
-        return [Mode("ka", (k,)) for k in range(num_layers)]
-    raise KAError(f"unknown layer sweep {sweep!r}: use prefix or single")
 
 
 def _split_mode_list(text: str) -> list[str]:

@@ -13,23 +13,33 @@ attention over the same L slots).
 """
 
 import torch
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import StaticLayer
 
-from .cache import ModelSignature, _native_windows
+from .architectures import ModelSignature
+from .attention import AttentionCall, ka_chunk_outputs
+from .cache import KACacheBase
 from .errors import KAError
-from .ops import DEFAULT_BLOCK_SIZE, check_kernel, expand_kv_heads
-from .route import check_routed
-
-PREFILL_MODES = ("ka", "standard")
+from .layers import check_attention_ran
+from .masks import allowed_from_mask
+from .ops import DEFAULT_BLOCK_SIZE, expand_kv_heads
+from .settings import DEFAULT_SETTINGS, KASettings
 
 
 class StaticKALayer(StaticLayer):
     """One KA layer of fixed size: `keys` (B, H_kv, L, d_k), `values` = attention outputs A (B, H_q, L, d_v)."""
 
-    def __init__(self, max_cache_len: int, num_query_heads: int, sliding_window: int | None = None):
+    def __init__(
+        self,
+        max_cache_len: int,
+        num_query_heads: int,
+        sliding_window: int | None = None,
+        settings: KASettings | None = None,
+        layer_idx: int | None = None,
+    ):
         super().__init__(max_cache_len=max_cache_len)
         self.num_query_heads = num_query_heads
         self.sliding_window = sliding_window  # the model's own window for this layer (None: full attention)
+        self.settings, self.layer_idx = settings, layer_idx
         self.n_cached = 0  # tokens written, as a Python int: the overflow check and a prompt's slices
         self.pending = 0  # new tokens whose output slots still hold their values
         self._new_slots: torch.Tensor | None = None  # positions of the pending tokens
@@ -58,16 +68,7 @@ class StaticKALayer(StaticLayer):
         return self.keys, self.values
 
     def _check_fits(self, key_states: torch.Tensor) -> None:
-        if self.pending:
-            raise KAError(
-                "StaticKACache: the previous step's attention outputs were never stored, so this model's attention "
-                "did not run through ka_hf. Use a supported architecture (see ka_hf.SUPPORTED_ARCHITECTURES)."
-            )
-        if key_states.shape[0] != self.batch_size:
-            raise KAError(
-                f"StaticKACache holds a batch of {self.batch_size} sequences but got a batch of "
-                f"{key_states.shape[0]}; use a new StaticKACache (or reset() it) for a new batch size."
-            )
+        check_attention_ran(self, "StaticKACache")
         n_new = key_states.shape[-2]
         if self.n_cached + n_new > self.max_cache_len:
             raise KAError(
@@ -90,8 +91,25 @@ class StaticKALayer(StaticLayer):
             visible = visible & (slots > position - self.sliding_window)
         return visible[None, None, None, :]
 
-    def key_positions(self) -> None:
-        return None  # slot i holds position i (the attention reads it as a full layer)
+    def attend(self, query, keys, values, mask, call: AttentionCall) -> torch.Tensor:
+        """The KA outputs of the pending tokens, written in place. A prompt chunk reads the written prefix, the new
+        tokens last, as a KACache holds them. A decode step reads all max_cache_len slots, the unwritten ones (and
+        those outside the layer's own window) masked: the same shapes every step, so one compiled graph serves all."""
+        n_new = query.shape[-2]
+        if self.is_fixed_shape_step():
+            # No sliding_window here: a missing mask would mean "the new token is the last slot"; the layer knows.
+            allowed = allowed_from_mask(mask, n_new, keys.shape[-2], None, query.device)
+            visible = self.visible_slots()
+            allowed = visible if allowed is None else allowed & visible
+        else:
+            n_total = self.n_cached
+            allowed = allowed_from_mask(mask, n_new, n_total, call.sliding_window, query.device)
+            keys, values = keys[..., :n_total, :], values[..., :n_total, :]
+        settings = self.settings or DEFAULT_SETTINGS
+        outputs = ka_chunk_outputs(settings, self.layer_idx, query, keys, values, self.past_outputs(), allowed, call)
+        adapter = settings.adapter
+        self.store_outputs(outputs if adapter is None else adapter.map_outputs(self.layer_idx, outputs))
+        return outputs
 
     def past_outputs(self) -> torch.Tensor | None:
         """Outputs of the tokens cached before the pending update (None when there are none)."""
@@ -117,7 +135,7 @@ class StaticKALayer(StaticLayer):
         self._new_slots = None
 
 
-class StaticKACache(Cache):
+class StaticKACache(KACacheBase):
     """A KA cache of fixed shapes (keys and attention outputs), for `torch.compile` and compiled `generate()`.
 
         cache = ka_hf.StaticKACache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
@@ -136,8 +154,7 @@ class StaticKACache(Cache):
             The token loop (the reference) is `KACache(kernel="loop")`.
     """
 
-    variant = "ka"  # plan 2 is a KACache(variant="plan2") feature
-    attends_values = False
+    builds_layers_on_bind = False  # built for `config` at construction; a forward only checks the model
 
     def __init__(
         self,
@@ -149,35 +166,26 @@ class StaticKACache(Cache):
         kernel: str = "auto",
         block_size: int | None = DEFAULT_BLOCK_SIZE,
     ):
-        signature = ModelSignature.of(config)
-        self._check_arguments(signature, max_cache_len, ka_layers, prefill, kernel, block_size)
-        self.ka_layers = None if ka_layers is None else frozenset(int(i) for i in ka_layers)
-        self.max_cache_len = max_cache_len
-        self.prefill, self.adapter, self.kernel, self.block_size = prefill, adapter, kernel, block_size
-        self.signature = signature
-        self._bound_config = None
-        windows = _native_windows(config) or [None] * signature.num_layers
-        super().__init__(layers=[self._new_layer(i, windows[i]) for i in range(signature.num_layers)])
-
-    @staticmethod
-    def _check_arguments(signature, max_cache_len, ka_layers, prefill, kernel, block_size) -> None:
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise KAError(f"StaticKACache(max_cache_len={max_cache_len!r}): use a positive number of tokens")
-        if prefill not in PREFILL_MODES:
-            raise KAError(f"StaticKACache(prefill={prefill!r}): use one of {PREFILL_MODES}")
         if kernel == "loop":
             raise KAError("StaticKACache(kernel='loop'): the token loop is the reference; use KACache(kernel='loop')")
-        try:
-            check_kernel(kernel, "ka", block_size)
-        except ValueError as error:
+        try:  # plan 2 is a KACache(variant="plan2") feature
+            self.settings = KASettings("ka", kernel, block_size, prefill, adapter)
+        except KAError as error:
             raise KAError(f"StaticKACache: {error}") from None
-        bad = sorted(int(i) for i in ka_layers or () if not 0 <= int(i) < signature.num_layers)
-        if bad:
-            raise KAError(f"StaticKACache(ka_layers=...) names layers {bad}, but the model has {signature.num_layers}")
+        super().__init__()
+        self.ka_layers = None if ka_layers is None else frozenset(int(i) for i in ka_layers)
+        self.max_cache_len = max_cache_len
+        self.signature = ModelSignature.of(config)
+        self._check_layers_fit(self.signature)
+        self._build_layers(config)
 
-    def _new_layer(self, layer_idx: int, sliding_window: int | None):
+    def _new_layer(self, layer_idx: int, native_window: int | None):
         if self.is_ka_layer(layer_idx):
-            return StaticKALayer(self.max_cache_len, self.signature.num_heads, sliding_window)
+            return StaticKALayer(
+                self.max_cache_len, self.signature.num_heads, native_window, settings=self.settings, layer_idx=layer_idx
+            )
         # Standard attention over all L slots under HF's mask (its window included): exact for sliding layers too.
         return StaticLayer(max_cache_len=self.max_cache_len)
 
@@ -187,32 +195,3 @@ class StaticKACache(Cache):
             f"StaticKACache(max_cache_len={self.max_cache_len}, ka_layers={layers}, prefill={self.prefill!r}, "
             f"kernel={self.kernel!r}, seq_len={int(self.get_seq_length())})"
         )
-
-    def is_ka_layer(self, layer_idx: int) -> bool:
-        return self.ka_layers is None or layer_idx in self.ka_layers
-
-    def bind(self, config) -> None:
-        """Refuse a model of another shape than the config the cache was built for, and another model object while
-        the cache holds states."""
-        if config is self._bound_config:  # every layer of every step asks: answer the common case at once
-            return
-        signature = ModelSignature.of(config)
-        if signature != self.signature:
-            raise KAError(
-                f"This StaticKACache was built for {self.signature}; it cannot be used with {signature}. "
-                "Create it with config=model.config."
-            )
-        if self._bound_config is not None and self.get_seq_length() > 0:
-            raise KAError(
-                "This StaticKACache holds the states of another model object; reset() it or create a new one."
-            )
-        self._bound_config = config
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        check_routed(self, layer_idx)
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-
-    def store_outputs(self, layer_idx: int, outputs: torch.Tensor) -> None:
-        """The attention's outputs for the tokens of the last update of `layer_idx`, written in place (as
-        KACache.store_outputs; a static cache never offloads)."""
-        self.layers[layer_idx].store_outputs(outputs)

@@ -9,7 +9,7 @@ import torch
 import ka_hf
 from ka_hf.adapters import KAAdapter, load_adapter, save_adapter
 from ka_hf.errors import KAError
-from ka_hf.integration import capture_attention
+from ka_hf.study.capture import capture_attention
 from ka_hf.study.fit_adapters import compare_ppl, distill_adapter, fit_adapter_least_squares, kl_to_standard
 
 from conftest import REPO_ROOT, VOCAB

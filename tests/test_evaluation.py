@@ -84,7 +84,7 @@ def test_parse_modes_names_layers_and_errors():
             parse_modes(bad)
     with pytest.raises(KAError, match="layers 0-2"):
         parse_modes("ka@3", num_layers=3)
-    with pytest.raises(KAError, match="--adapter"):
+    with pytest.raises(KAError, match="needs a plan-1 adapter"):
         Mode("ka+adapter").new_cache(adapter=None)
 
 

@@ -129,7 +129,7 @@ def test_dry_run_folder_loads_back_running_ka_by_default(ka_run, published):
     } <= names
     assert json.loads((published / "config.json").read_text())["ka"]["attention"] == "ka"
 
-    model, tokenizer, adapter = hub.load_ka_model(str(published))
+    model, tokenizer, adapter = ka_hf.load_ka_model(str(published))
     assert adapter is None and tokenizer is not None and ka_hf.ka_spec(model.config) is not None
     original = AutoModelForCausalLM.from_pretrained(str(ka_run.best_dir), attn_implementation="sdpa").eval()
     ids = sample_ids(len(tokenizer))
@@ -299,7 +299,7 @@ def test_adapter_folder_reattaches(ka_run, tmp_path):
     assert "ka-adapter" in card.data.tags and "KA adapter" in card.text and "1.50×" in card.text  # GQA 2 of 4
     assert "| ka+adapter (least squares) | 100.000 | 0.667 |" in card.text
 
-    loaded, _, reattached = hub.load_ka_model(str(folder))
+    loaded, _, reattached = ka_hf.load_ka_model(str(folder))
     assert reattached is not None and ka_hf.ka_spec(loaded.config) is None  # a standard model: KV by default
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -359,7 +359,7 @@ def test_bad_input_exits_2_with_a_clear_message(ka_run, published, tmp_path, cap
     with pytest.raises(KAError, match="template"):
         hub.build_card(ka_run.best_dir, {}, template_dir=tmp_path)
     with pytest.raises(KAError, match="not a local folder"):
-        hub.load_ka_model("alice/not-downloaded", cache_dir=str(tmp_path / "cache"))
+        ka_hf.load_ka_model("alice/not-downloaded", cache_dir=str(tmp_path / "cache"))
 
 
 @pytest.mark.skipif(not constants.HF_HUB_OFFLINE, reason="needs HF_HUB_OFFLINE=1 so that no request leaves")

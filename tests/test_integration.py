@@ -210,7 +210,7 @@ def test_enable_ka_survives_save_and_load(tmp_path):
     input_ids = random_ids()
     with torch.no_grad():
         expected = model(input_ids, past_key_values=KACache(), use_cache=True).logits
-    ka_hf.enable_ka(model, training={"attention": "ka"})
+    ka_hf.enable_ka(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.ka["attention"] == "ka"

@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory, text_file):
         "gpt2", vocab_size=len(tokenizer), num_layers=1, hidden_size=32, num_heads=2, max_positions=256
     )
     model = AutoModelForCausalLM.from_config(config)
-    model.config.ka = {"attention": "standard", "training": {"facts": {"n": 2, "seed": 0, "include": "forward"}}}
+    model.config.ka = {"attention": "standard"}
+    model.config.ka_provenance = {"training": {"facts": {"n": 2, "seed": 0, "include": "forward"}}}
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

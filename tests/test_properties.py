@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ka_hf.integration import allowed_from_mask
+from ka_hf.masks import allowed_from_mask
 from ka_hf.ops import ka_attention, ka_attention_naive, ka_decode_step, standard_attention
 
 TOL = 1e-10

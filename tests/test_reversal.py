@@ -218,7 +218,8 @@ def model_dir(tmp_path_factory, tokenizer):
     """A tiny saved model whose config.ka records its training facts (as the experiment writes it)."""
     directory = tmp_path_factory.mktemp("tiny_facts_model")
     model = new_model(tokenizer, dtype=torch.float32)
-    model.config.ka = {"attention": "standard", "training": {"facts": {"n": 3, "seed": 7, "include": "forward"}}}
+    model.config.ka = {"attention": "standard"}
+    model.config.ka_provenance = {"training": {"facts": {"n": 3, "seed": 7, "include": "forward"}}}
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -22,8 +22,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ka_hf.adapters import load_adapter
+from ka_hf.config import exact_ka, without_ka
 from ka_hf.errors import KAError, KAInternalError
-from ka_hf.integration import exact_ka, without_ka
 from ka_hf.modes import WINDOW_KINDS, parse_mode
 
 MODEL_NAME = "ka_hf"

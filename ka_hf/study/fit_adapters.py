@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ka_hf.adapters import KAAdapter, attention_shape
+from ka_hf.architectures import SUPPORTED_ARCHITECTURES
 from ka_hf.cache import KACache
+from ka_hf.config import ka_spec
 from ka_hf.errors import KAError
-from ka_hf.integration import Captured, capture_attention, ka_spec
+
+from .capture import Captured, capture_attention
 
 
 def _batches(batches):
@@ -37,8 +40,6 @@ def _batches(batches):
 
 def check_fittable(model) -> None:
     """KAError unless an adapter can be fit for `model`: a supported architecture, trained with standard attention."""
-    from ka_hf.route import SUPPORTED_ARCHITECTURES
-
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise KAError(

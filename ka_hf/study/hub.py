@@ -1,17 +1,17 @@
 """Publishing on the Hugging Face Hub: a KA-trained model, or a model with its plan-1 adapter, with a model card
-that carries its results and says how to run it; and loading it back.
+that carries its results and says how to run it.
 
     from ka_hf.study import hub
     results = hub.find_results("runs/ka/best")        # {"train": Path, "eval": Path, "reversal": Path}, as found
     hub.assemble_folder("runs/ka/best", "runs/ka/hub", results, repo_id="USER/NAME")
     hub.push("runs/ka/hub", "USER/NAME", private=True)             # create_repo + upload_folder
-    model, tokenizer, adapter = hub.load_ka_model("USER/NAME")     # or the folder
+    model, tokenizer, adapter = ka_hf.load_ka_model("USER/NAME")   # loading back is library API: ka_hf.pretrained
 
 The folder is an ordinary transformers checkpoint (safetensors weights, config.json with its `ka` section, the
 tokenizer) plus README.md (the card), results/*.json (the results the card was built from) and, for an adapter,
 adapter/ (adapter.safetensors + adapter_config.json). No trust_remote_code: with ka_hf imported, a model whose
 config.ka["attention"] == "ka" runs exact KA in every forward and generate() uses a KACache by default
-(ka_hf.integration); `load_ka_model` also reattaches the adapter.
+(ka_hf.integration); `ka_hf.load_ka_model` also reattaches the adapter.
 
 The card templates live in model_cards/ at the repository root, one copy, found next to this package (a source
 checkout or `pip install -e .`) or, for a wheel install, under <prefix>/share/ka_hf/model_cards; or pass
@@ -28,10 +28,11 @@ from pathlib import Path
 
 from ka_hf.adapters import CONFIG_NAME as ADAPTER_CONFIG
 from ka_hf.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
-from ka_hf.adapters import attention_shape, check_base, load_adapter, read_adapter_config, read_adapter_weights
+from ka_hf.adapters import attention_shape, check_base, read_adapter_config, read_adapter_weights
+from ka_hf.architectures import SUPPORTED_ARCHITECTURES
 from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
-from ka_hf.integration import SUPPORTED_ARCHITECTURES
+from ka_hf.pretrained import ADAPTER_SUBDIR
 
 from . import files, records, report
 from .records import AdapterFitRecord, EvalRecord, Record, ReversalRecord, TrainRecord
@@ -45,7 +46,6 @@ _TEMPLATE_DIRS = (
 TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
 TEMPLATES = {"model": "ka_model.md.j2", "adapter": "ka_adapter.md.j2"}
 RESULT_KINDS = ("train", "eval", "reversal")  # the keys of `results`; adapter fits come from the adapter folder
-ADAPTER_SUBDIR = "adapter"
 RESULTS_SUBDIR = "results"
 # What of a save_pretrained directory goes into the folder (anything else there, e.g. optimizer state, stays).
 MODEL_FILES = (
@@ -614,48 +614,3 @@ def push(
             ) from None
         raise
     return commit.commit_url
-
-
-def load_ka_model(path_or_repo: str, **from_pretrained_kwargs):
-    """(model, tokenizer or None, adapter or None) from a folder made by assemble_folder, or a Hub repo of one.
-
-    ka_hf is imported (this module is part of it), so a KA-trained model runs exact KA in every forward and
-    generate() uses a KACache by default. The tokenizer is loaded when the folder has one; an adapter/
-    subfolder is reattached: use it as `KACache(adapter=adapter)`. Keyword arguments go to from_pretrained
-    (dtype, device_map, ...; attn_implementation defaults to "sdpa"); revision, token, cache_dir also pick
-    the snapshot of a Hub repo.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .models import load_tokenizer
-
-    folder = _local_folder(path_or_repo, from_pretrained_kwargs)
-    from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs).eval()
-    tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
-    adapter = None
-    if (folder / ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file():
-        parameter = next(model.parameters())
-        adapter = load_adapter(folder / ADAPTER_SUBDIR, device=parameter.device, dtype=parameter.dtype)
-        adapter.check_model(model)
-    return model, tokenizer, adapter
-
-
-def _local_folder(path_or_repo: str, kwargs: dict) -> Path:
-    """A local directory as is; a Hub repo id: its snapshot (downloaded, or from the cache when offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    from .models import _check_exists
-
-    if Path(path_or_repo).expanduser().is_dir():
-        return Path(path_or_repo).expanduser()
-    _check_exists(path_or_repo)  # a path-like name that is not a directory is a typo, not a repo id
-    where = {key: kwargs.get(key) for key in ("revision", "token", "cache_dir")}
-    try:
-        return Path(snapshot_download(path_or_repo, **where))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError) as error:
-        raise KAError(
-            f"cannot load {path_or_repo!r}: not a local folder, and the Hub repo is not available "
-            f"({type(error).__name__})"
-        ) from None

@@ -5,12 +5,11 @@ training script's `--arch`, the Pythia-70M shape of the original study). `load_m
 local directory or the Hub with a clear error when it is neither.
 """
 
-import os
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ka_hf.errors import KAError
+from ka_hf.pretrained import check_local_path
 
 ARCHITECTURES = ("gpt2", "gpt-neox", "llama", "mistral", "qwen2")
 
@@ -96,21 +95,6 @@ def model_config(
             raise KAError("llama has no sliding window: use mistral or qwen2")
         return config_class(**kwargs)
     raise KAError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-
-
-def looks_local(path_or_id: str) -> bool:
-    """A name that can only be a local path: starts with `.`, `/` or `~`, has more than one `/` (a Hub id has
-    one), has the OS separator, or whose first part exists here (`runs/typo` when `runs/` exists)."""
-    name = str(path_or_id)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
-        return True
-    return "/" in name and os.path.exists(name.split("/", 1)[0])
-
-
-def check_local_path(path_or_id, what: str = "model path") -> None:
-    """A local-looking name that does not exist is a typo, not a Hub id: say so at once, without the network."""
-    if looks_local(path_or_id) and not os.path.exists(os.path.expanduser(str(path_or_id))):
-        raise KAError(f"{what} {str(path_or_id)!r} does not exist (no such local directory)")
 
 
 def _check_exists(path_or_id: str) -> None:

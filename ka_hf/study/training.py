@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ka_hf.config import ATTENTIONS, VARIANTS, record_provenance
+from ka_hf.config import ATTENTIONS, VARIANTS, disable_ka, enable_ka, record_provenance
 from ka_hf.errors import KAError
-from ka_hf.integration import disable_ka, enable_ka
 
 from . import files, report
 from .data import lm_blocks, load_train_val_texts, tokenize_texts, train_tokenizer
@@ -315,10 +314,10 @@ def set_attention(model, config: TrainConfig, record: dict) -> None:
     """config.ka: KA on the layers and variant trained with, or standard; the training record goes to the
     model's provenance (config.ka_provenance["training"])."""
     if config.attention == "ka":
-        enable_ka(model, ka_layers=config.ka_layers, variant=config.variant, training=record)
+        enable_ka(model, ka_layers=config.ka_layers, variant=config.variant)
     else:
         disable_ka(model)
-        record_provenance(model.config, training=record)
+    record_provenance(model.config, training=record)
 
 
 # ---------------------------------------------------------------------------------------------------------

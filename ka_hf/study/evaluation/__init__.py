@@ -9,8 +9,9 @@ metric as an `evaluate` module: `evaluate.load(KA_PERPLEXITY_METRIC)`.
 
 from pathlib import Path
 
-from ka_hf.modes import DEFINITIONS, MODES_HELP, Mode, check_adapter_given, layer_sweep_modes, parse_modes
+from ka_hf.modes import MODES_HELP, Mode, parse_modes
 
+from .modes import DEFINITIONS, check_adapter_given, describe, layer_sweep_modes
 from .ppl import METHODS, score_mode, score_modes
 from .run import SWEEPS, PplRun, run_ppl_eval
 
@@ -25,6 +26,7 @@ __all__ = [
     "PplRun",
     "SWEEPS",
     "check_adapter_given",
+    "describe",
     "layer_sweep_modes",
     "parse_modes",
     "run_ppl_eval",

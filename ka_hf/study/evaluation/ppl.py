@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ka_hf.cache import cache_nbytes
+from ka_hf.config import without_ka
 from ka_hf.errors import KAError
-from ka_hf.integration import without_ka
 from ka_hf.modes import Mode
 
 from ..data import count_scored_tokens
 from ..measure import Timer, peak_memory_bytes, peak_memory_kind, reset_peak_memory
+from .modes import describe
 
 METHODS = ("parallel", "token")
 METHOD_DESCRIPTIONS = {
@@ -326,7 +327,7 @@ def _mode_record(shard: Shard, nll_by_position, tokens_by_position, scalars):
         "layers": None if mode.layers is None else list(mode.layers),
         "window": mode.window,
         "sink": mode.sink,
-        "definition": mode.definition,
+        "definition": describe(mode),
         "method": shard.method,
         "ppl": math.exp(mean_nll),
         "mean_nll": mean_nll,

@@ -44,6 +44,7 @@ from ka_hf.modes import Mode
 from ..facts import answer_span_labels, fact_sentences
 from ..measure import Timer
 from ..report import markdown_table
+from .modes import describe
 from .ppl import batch_logits, collate, make_batches, mode_context, prompt_length, token_nll
 
 FACT_SPLITS = ("test", "train")
@@ -222,7 +223,7 @@ def score_reversal_mode(
     return {
         "mode": mode.name,
         "layers": None if mode.layers is None else list(mode.layers),
-        "definition": mode.definition,
+        "definition": describe(mode),
         "splits": splits,
         "seconds": seconds["scoring"] + seconds["generation"],
         "scoring_seconds": seconds["scoring"],

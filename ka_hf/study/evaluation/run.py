@@ -9,16 +9,16 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ka_hf.config import num_kv_heads
+from ka_hf.architectures import SUPPORTED_ARCHITECTURES, num_kv_heads
 from ka_hf.errors import KAError
-from ka_hf.integration import SUPPORTED_ARCHITECTURES
-from ka_hf.modes import DEFINITIONS, check_adapter_given, layer_sweep_modes, parse_modes
+from ka_hf.modes import parse_modes
 
 from .. import report
 from ..cli import DTYPES, accelerate_cpu, apply_runtime_flags
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
 from ..records import EvalRecord
+from .modes import DEFINITIONS, check_adapter_given, layer_sweep_modes
 from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
 
 SWEEPS = ("prefix", "single")
