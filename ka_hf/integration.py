@@ -27,6 +27,7 @@ import copy
 import functools
 import importlib
 
+import torch
 from transformers import AttentionInterface
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -78,11 +79,17 @@ def _model_attention(module):
         return None
     resolved = getattr(module, _SETTING, None)
     if resolved is None or resolved[0] != section:
-        spec = ka_spec(module.config)
-        attend = UncachedKA(spec.settings).attend if spec is not None and spec.covers(module.layer_idx) else None
-        resolved = (copy.deepcopy(section), attend)
-        setattr(module, _SETTING, resolved)
+        resolved = _resolve(module, section)
     return resolved[1]
+
+
+@torch.compiler.disable  # validation is Python work: compiled code reads the resolved pair, traced after the first call
+def _resolve(module, section):
+    spec = ka_spec(module.config)
+    attend = UncachedKA(spec.settings).attend if spec is not None and spec.covers(module.layer_idx) else None
+    resolved = (copy.deepcopy(section), attend)
+    setattr(module, _SETTING, resolved)
+    return resolved
 
 
 def _routed(original_forward):

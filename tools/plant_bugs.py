@@ -53,8 +53,8 @@ BUGS = [
         "ka_hf/integration.py",
         (
             (
-                "    scale = scaling if scaling is not None else query.shape[-1] ** -0.5\n    n_new, n_total =",
-                "    scale = query.shape[-1] ** -0.5\n    n_new, n_total =",
+                "    scale = scaling if scaling is not None else query.shape[-1] ** -0.5\n    dropout_p =",
+                "    scale = query.shape[-1] ** -0.5\n    dropout_p =",
             ),
         ),
     ),
@@ -73,7 +73,7 @@ BUGS = [
     Bug(
         "mask-2d-ignored",
         "the 2-D (flash-style) padding mask ignored",
-        "ka_hf/integration.py",
+        "ka_hf/masks.py",
         (("return causal & mask[:, None, None, -n_total:].bool()", "return causal"),),
     ),
     Bug(
@@ -97,8 +97,13 @@ BUGS = [
     Bug(
         "cache-gqa-repeat",
         "KACache placeholders expanded with repeat instead of repeat_interleave",
-        "ka_hf/cache.py",
-        (("value_states.repeat_interleave(group, dim=1)", "value_states.repeat(1, group, 1, 1)"),),
+        "ka_hf/layers.py",
+        (
+            (
+                "return expand_kv_heads(value_states, self.num_query_heads or value_states.shape[1])",
+                "return value_states.repeat(1, (self.num_query_heads or value_states.shape[1]) // value_states.shape[1], 1, 1)",
+            ),
+        ),
     ),
     Bug(
         "diagonal-dropped",
@@ -165,30 +170,35 @@ BUGS = [
         "decode-drops-softcap",
         "the fused decode fast path taken with a softcap (softcap ignored)",
         "ka_hf/ops/parallel.py",
-        (("if softcap is None and query.shape[1] == key.shape[1]:", "if query.shape[1] == key.shape[1]:"),),
+        (
+            (
+                "    if softcap is not None:\n        return _attend(query, key, attended, allowed, scale, softcap)\n",
+                "",
+            ),
+        ),
     ),
     Bug(
         "hybrid-prefill-ignored",
         'KACache(prefill="standard") prefills with KA anyway',
-        "ka_hf/integration.py",
+        "ka_hf/attention.py",
         (
             (
-                'if cache.prefill == "standard" and past_outputs is None:',
-                'if False and cache.prefill == "standard" and past_outputs is None:',
+                'if settings.prefill == "standard" and past_outputs is None:',
+                'if False and settings.prefill == "standard" and past_outputs is None:',
             ),
         ),
     ),
     Bug(
         "layer-subset-ignored",
         "KACache(ka_layers=...) runs KA on every layer",
-        "ka_hf/integration.py",
-        (('kind = "ka" if cache.is_ka_layer(module.layer_idx) else "standard"', 'kind = "ka"'),),
+        "ka_hf/cache.py",
+        (("        if not self.is_ka_layer(layer_idx):\n", "        if False:\n"),),
     ),
     Bug(
         "prefill-always-standard",
         "a KACache prefill always runs standard attention (ka-hybrid by accident)",
-        "ka_hf/integration.py",
-        (('if cache.prefill == "standard" and past_outputs is None:', "if past_outputs is None:"),),
+        "ka_hf/attention.py",
+        (('if settings.prefill == "standard" and past_outputs is None:', "if past_outputs is None:"),),
     ),
     Bug(
         "hybrid-evaluated-as-ka",

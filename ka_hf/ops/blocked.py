@@ -72,8 +72,7 @@ class _BlockedKA(torch.autograd.Function):
         # One buffer holds every output the later blocks attend over: [cached outputs; this call's outputs].
         attended = torch.cat([past_outputs, values.new_empty(values.shape)], dim=-2)
         normalizers = query.new_empty(query.shape[:-1])  # L per new row (B, H_q, n)
-        for start in range(0, n_new, block):
-            stop = min(start + block, n_new)
+        for start, stop in _block_bounds(n_new, block):
             tile = _Tile(query, keys, allowed, scale, softcap, fused, n_past, start, stop)
             past_out, past_lse = tile.past_attention(attended)
             own_weights, lse = tile.own_weights(past_lse)
@@ -105,9 +104,7 @@ class _BlockedKA(torch.autograd.Function):
         grad_keys = torch.zeros_like(keys)
         grad_values = torch.zeros_like(values)
 
-        last_start = (n_new - 1) // block * block
-        for start in range(last_start, -1, -block):
-            stop = min(start + block, n_new)
+        for start, stop in reversed(_block_bounds(n_new, block)):
             rows = slice(n_past + start, n_past + stop)
             tile = _Tile(query, keys, allowed, scale, softcap, fused, n_past, start, stop)
             lse = normalizers[..., start:stop]
@@ -138,6 +135,15 @@ class _BlockedKA(torch.autograd.Function):
         grad_value = _sum_query_head_groups(grad_values, value.shape[1])
         grad_past = grad_attended[..., :n_past, :] if ctx.needs_input_grad[3] else None
         return grad_query, grad_key, grad_value, grad_past, None, None, None, None, None
+
+
+def _block_bounds(n_new, block: int) -> list[tuple]:
+    """(start, stop) of each block of rows. An input of at most one block is one block without a loop over its
+    length, so torch.compile(dynamic=True) traces it once for every such length (a range over a symbolic length
+    would fix the length)."""
+    if n_new <= block:
+        return [(0, n_new)]
+    return [(start, min(start + block, n_new)) for start in range(0, n_new, block)]
 
 
 def _sum_query_head_groups(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
