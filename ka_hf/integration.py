@@ -40,6 +40,7 @@ from .ops import (
 )
 from .route import ACTIVE_ROUTE, SUPPORTED_ARCHITECTURES, Route, check_routed  # noqa: F401 (check_routed: API)
 from .static_cache import StaticKACache, StaticKALayer
+from .wrapped import unwrap_model
 
 # The caches whose layers hold (K, A) and route a call through KA. Listed here rather than found through a common
 # base class, so that each cache keeps its own constructor.
@@ -89,8 +90,10 @@ def enable_ka(
     setting lives in `model.config.ka`, so `save_pretrained` keeps it and a model loaded back (with ka_hf
     imported) runs KA again; `generate()` then uses a `KACache` by default. Extra keyword arguments are recorded
     as provenance, in `model.config.ka_provenance` (e.g. how the model was trained), apart from the typed
-    runtime setting (`ka_hf.KAConfig`). Returns the model.
+    runtime setting (`ka_hf.KAConfig`). Returns the model. A wrapped model (DDP, FSDP, PEFT, torch.compile)
+    gets the setting on the transformers model inside it (`ka_hf.wrapped`) and is returned as given.
     """
+    given, model = model, unwrap_model(model)
     _check_supported(model)
     if "layers" in record:  # the former name: recorded as provenance it would silently put KA on every layer
         raise KAError(f"enable_ka(layers=...) is now enable_ka(ka_layers={record['layers']!r})")
@@ -102,7 +105,7 @@ def enable_ka(
         block_size=block_size,
     )
     _set_config(model.config, setting, record)
-    return model
+    return given
 
 
 def _set_config(config, setting: KAConfig, record: dict) -> None:
@@ -114,26 +117,26 @@ def _set_config(config, setting: KAConfig, record: dict) -> None:
 
 def disable_ka(model):
     """Back to standard attention for cache-less forwards (the other settings and the provenance are kept).
-    Returns the model."""
+    Returns the model (as given: a wrapped one too, see enable_ka)."""
+    given, model = model, unwrap_model(model)
     current = KAConfig.from_model_config(model.config) or KAConfig()
     _set_config(model.config, current.replace(attention="standard"), {})
-    return model
+    return given
 
 
 @contextlib.contextmanager
 def _config_ka_within(model, set_section):
-    saved = {
-        key: (hasattr(model.config, key), getattr(model.config, key, None)) for key in (CONFIG_KEY, PROVENANCE_KEY)
-    }
+    config = unwrap_model(model).config  # exact_ka / without_ka take wrapped models too (ka_hf.wrapped)
+    saved = {key: (hasattr(config, key), getattr(config, key, None)) for key in (CONFIG_KEY, PROVENANCE_KEY)}
     set_section(model)
     try:
         yield model
     finally:
         for key, (had, previous) in saved.items():
             if had:
-                setattr(model.config, key, previous)
-            elif hasattr(model.config, key):  # leave no `"ka": null` behind for save_pretrained
-                delattr(model.config, key)
+                setattr(config, key, previous)
+            elif hasattr(config, key):  # leave no `"ka": null` behind for save_pretrained
+                delattr(config, key)
 
 
 def exact_ka(
