@@ -144,6 +144,7 @@ def test_enable_disable_and_without_ka_on_a_wrapper(wrapper):
         with ka_hf.exact_ka(bare, kernel="loop"):
             ka_loss = bare(**batch()).loss
         standard_loss = bare(**batch()).loss
+        assert abs(ka_loss - standard_loss) > 1e-4
         assert ka_hf.enable_ka(model) is model  # the wrapper comes back: it is what syncs gradients / runs compiled
         assert ka_hf.ka_spec(bare.config) is not None
         torch.testing.assert_close(model(**batch()).loss, ka_loss, rtol=1e-10, atol=0)
