@@ -19,6 +19,7 @@ from test_long import padded_window_mask, random_inputs
 
 from ka_hf.ops import ka_attention_blocked, ka_attention_naive, standard_attention
 from ka_hf.ops.past import PAST_KERNELS, choose_past_kernel, past_kernel
+from ka_hf.study.measure import relative_rmse
 
 # ---------------------------------------------------------------------------------------------------------
 # CPU stand-ins for the CUDA ops, from their contracts
@@ -239,12 +240,6 @@ def test_the_past_kernel_is_chosen_by_device_dtype_mask_and_softcap():
 
 # ---------------------------------------------------------------------------------------------------------
 # Half precision: native tiles, float32 solves, no whole-tensor float32 copies
-
-
-def relative_rmse(x, reference):
-    """flash-linear-attention's error ratio: RMS(x - reference) / RMS(reference)."""
-    x, reference = x.double(), reference.double()
-    return ((x - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
