@@ -133,8 +133,10 @@ class CudaFlash:
         return out, lse
 
     def backward(self, grad_out, queries, keys, values, out, lse, allowed):
-        batch, _, n_queries, _ = queries.shape
-        unused = torch.empty(0, dtype=torch.int64, device=queries.device)  # philox seed and offset: no dropout
+        n_queries = queries.shape[-2]
+        # The forward's rng_state (2 int64 on the device) and its unused offset: read only with dropout, which is 0.
+        rng_state = torch.zeros(2, dtype=torch.int64, device=queries.device)
+        unused = torch.zeros((), dtype=torch.int64, device=queries.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out.to(queries.dtype).contiguous(),
             queries,
@@ -148,7 +150,7 @@ class CudaFlash:
             keys.shape[-2],
             0.0,
             False,
-            unused,
+            rng_state,
             unused,
             scale=self.scale,
         )
@@ -183,7 +185,8 @@ class CudaEfficient:
         n_queries = queries.shape[-2]
         padded = lse.new_zeros(*lse.shape[:-1], math.ceil(n_queries / _LSE_ALIGN) * _LSE_ALIGN)
         padded[..., :n_queries] = lse
-        unused = torch.empty(0, dtype=torch.int64, device=queries.device)
+        # The philox seed and offset the forward returns (0-dim int64 on the CPU): read only with dropout.
+        unused = torch.zeros((), dtype=torch.int64)
         grad_query, grad_key, grad_value, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             grad_out.to(queries.dtype),
             queries,
