@@ -20,7 +20,7 @@ saved L, which yields dq, dK_P and the contribution W_bP^T lambda_b to the earli
 Half precision (fp16/bf16) is native: q, k, v and A stay in their dtype and no whole tensor is copied to float32.
 Per block the (n x n) tile, the row normalizers and the triangular solve are float32 (as flash-linear-attention's
 chunk kernels solve in float32); the past goes through the fused kernel in the input dtype (it accumulates in
-float32 and returns an float32 L); the block's outputs are stored in the input dtype, as standard attention
+float32 and returns a float32 L); the block's outputs are stored in the input dtype, as standard attention
 stores its outputs. The backward accumulates dK and dA over blocks in float32 and returns gradients in the input
 dtypes. Autocast is off inside: the kernel manages its own precision.
 """
