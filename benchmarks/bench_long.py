@@ -108,7 +108,7 @@ def measure(kind: str, mode: str, length: int, args) -> dict:
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    spec = dict(MODELS[KINDS[kind]])
+    spec = dict(getattr(args, "models", MODELS)[KINDS[kind]])  # args.models: other shapes (gpu_check --tiny)
     torch.manual_seed(0)
     config = model_config(spec.pop("arch"), max_positions=max(length + args.decode_steps + 8, 2048), **spec)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device, dtype)

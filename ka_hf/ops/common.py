@@ -8,8 +8,10 @@ DEFAULT_BLOCK_SIZE = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half inputs are computed in float32: the CPU `solve_triangular` has no half kernels, and the solve's
-    accuracy matters more than its speed. float32/float64 stay as they are."""
+    """The dtype half inputs are accumulated and solved in: float32 (the CPU `solve_triangular` has no half kernels,
+    and the solve's accuracy matters more than its speed); float32/float64 stay as they are. The blocked kernel
+    keeps q, k, v and A in their own dtype and converts only per-block tiles; "parallel" and "loop" convert whole
+    inputs (they keep O(T^2) weights or run token by token anyway)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

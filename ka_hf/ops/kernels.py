@@ -56,7 +56,8 @@ def ka_attention(
 
     query (B, H_q, n, d); key (B, H_kv, p + n, d) — the cached keys then the new ones; value (B, H_kv, n, d_v);
     past_outputs (B, H_q, p, d_v), what the cached tokens offer as values; allowed: boolean mask broadcastable to
-    (B, H_q, n, p + n), True = may attend, None = causal. Half inputs are computed in float32.
+    (B, H_q, n, p + n), True = may attend, None = causal. Half inputs: "blocked" keeps them in their dtype
+    (float32 tiles and solves per block), "parallel" and "loop" compute in float32.
     """
     check_kernel(kernel, variant, block_size)
     kernel = resolve_kernel(kernel, variant, dropout_p)

@@ -120,19 +120,18 @@ def standard_attention(
     values = expand_kv_heads(value, query.shape[1])
     if softcap is not None:
         return _attend(query, key, values, allowed, scale, softcap)
-    out_dtype = values.dtype
-    dtype = compute_dtype(out_dtype)
+    # In the inputs' dtype, half included: SDPA's fused kernels accumulate in float32 themselves.
     outputs = torch.nn.functional.scaled_dot_product_attention(
-        query.to(dtype),
-        expand_kv_heads(key, query.shape[1]).to(dtype),
-        values.to(dtype),
+        query.to(values.dtype),
+        expand_kv_heads(key, query.shape[1]).to(values.dtype),
+        values,
         attn_mask=allowed,
         is_causal=allowed is None,
         scale=scale,
     )
     if allowed is not None:  # rows with nothing allowed: 0, whatever the backend makes of them
         outputs = outputs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    return outputs.to(out_dtype)
+    return outputs
 
 
 def ka_decode_step(

@@ -90,3 +90,48 @@ def _proc_status_kib(field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+class TensorPeakMemory:
+    """Context manager: `peak_bytes` is the peak of tensor memory allocated inside the block, above what was live
+    at its start. CUDA: `torch.cuda.max_memory_allocated`. CPU: torch's own tensor-memory tracker
+    (`torch.distributed._tools.mem_tracker.MemTracker`, which follows every tensor storage made and freed), so the
+    number is the tensors' bytes, not the process's resident set with the allocator's slack."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.distributed._tools.mem_tracker import MemTracker
+
+            self._tracker = MemTracker()
+            self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            self._tracker.__exit__(*exc)
+            peaks = self._tracker.get_tracker_snapshot("peak")
+            self.peak_bytes = int(sum(peak["Total"] for peak in peaks.values()))
+        return False
+
+    @property
+    def kind(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated above the start"
+        return "peak tensor bytes (torch MemTracker) above the start"
+
+
+def relative_rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """flash-linear-attention's error ratio: RMS(x - reference) / RMS(reference), in float64."""
+    x, reference = x.double(), reference.double()
+    return ((x - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
