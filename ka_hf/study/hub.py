@@ -32,6 +32,7 @@ from ka_hf.adapters import attention_shape, check_base, load_adapter, read_adapt
 from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
 from ka_hf.integration import SUPPORTED_ARCHITECTURES
+from ka_hf.preflight import check_model_files
 
 from . import files, records, report
 from .records import AdapterFitRecord, EvalRecord, Record, ReversalRecord, TrainRecord
@@ -90,12 +91,9 @@ def check_repo_id(repo_id: str) -> str:
 def check_model_dir(model_dir) -> Path:
     """A save_pretrained directory of a supported architecture with safetensors weights, or KAError."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not model_dir.exists():
         raise KAError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise KAError(
-            f"{model_dir} has no config.json: give the directory model.save_pretrained() wrote (a training run's best/)"
-        )
+    check_model_files(model_dir, "--model")  # a folder, config.json readable, weights there and not truncated
     if not any(model_dir.glob("*.safetensors")):
         other = [path.name for path in model_dir.glob("*.bin")]
         hint = f" (it has {', '.join(other)}: load and re-save it)" if other else ""

@@ -5,12 +5,11 @@ training script's `--arch`, the Pythia-70M shape of the original study). `load_m
 local directory or the Hub with a clear error when it is neither.
 """
 
-import os
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ka_hf.errors import KAError
+from ka_hf.preflight import check_local_path, check_model_files, check_tokenizer_files
 
 ARCHITECTURES = ("gpt2", "gpt-neox", "llama", "mistral", "qwen2")
 
@@ -98,28 +97,14 @@ def model_config(
     raise KAError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
-def looks_local(path_or_id: str) -> bool:
-    """A name that can only be a local path: starts with `.`, `/` or `~`, has more than one `/` (a Hub id has
-    one), has the OS separator, or whose first part exists here (`runs/typo` when `runs/` exists)."""
-    name = str(path_or_id)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
-        return True
-    return "/" in name and os.path.exists(name.split("/", 1)[0])
-
-
-def check_local_path(path_or_id, what: str = "model path") -> None:
-    """A local-looking name that does not exist is a typo, not a Hub id: say so at once, without the network."""
-    if looks_local(path_or_id) and not os.path.exists(os.path.expanduser(str(path_or_id))):
-        raise KAError(f"{what} {str(path_or_id)!r} does not exist (no such local directory)")
-
-
 def _check_exists(path_or_id: str) -> None:
     check_local_path(path_or_id)
 
 
 def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device=None, attn_implementation="sdpa"):
-    """Load a causal LM (local `save_pretrained` directory or Hub id) in eval mode."""
-    _check_exists(path_or_id)
+    """Load a causal LM (local `save_pretrained` directory or Hub id) in eval mode; a folder or id that is not a
+    loadable model is refused first, cheaply (ka_hf.preflight.check_model_files)."""
+    check_model_files(path_or_id, "model path")
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as error:
@@ -130,7 +115,7 @@ def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device=N
 
 
 def load_tokenizer(path_or_id: str):
-    _check_exists(path_or_id)
+    check_tokenizer_files(path_or_id, "tokenizer path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except OSError as error:
