@@ -180,6 +180,8 @@ def replace_dir(source, folder) -> None:
     """Move the complete folder `source` to `folder`, replacing it: the old folder is renamed aside first and
     removed after the move, so `folder` is always either the old or the new one (or, for an instant, absent)."""
     source, folder = Path(source), Path(folder)
+    if folder.exists() and not folder.is_dir():  # a file is never replaced by a folder (never deleted)
+        raise FileExistsError(17, "a file is in the way", str(folder))
     old = None
     if folder.exists():
         old = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX + folder.name + ".old.", dir=folder.parent))

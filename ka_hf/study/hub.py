@@ -93,11 +93,11 @@ def check_model_dir(model_dir) -> Path:
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise KAError(f"model directory {model_dir} does not exist")
-    check_model_files(model_dir, "--model")  # a folder, config.json readable, weights there and not truncated
-    if not any(model_dir.glob("*.safetensors")):
+    if model_dir.is_dir() and (model_dir / "config.json").is_file() and not any(model_dir.glob("*.safetensors")):
         other = [path.name for path in model_dir.glob("*.bin")]
         hint = f" (it has {', '.join(other)}: load and re-save it)" if other else ""
         raise KAError(f"{model_dir} has no safetensors weights{hint}: save with model.save_pretrained(dir)")
+    check_model_files(model_dir, "--model")  # a folder, config.json readable, weights not truncated
     model_type = _read_json(model_dir / "config.json").get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise KAError(
