@@ -186,7 +186,7 @@ def default_threads() -> tuple[int, str | None]:
     """(threads, a note or None): torch's own count (OMP_NUM_THREADS when set, else the cores of this process's
     CPU affinity), lowered to the cores left free by other processes (the 1-minute load average) unless
     OMP_NUM_THREADS chose it. Why: torch's threads wait for each other at every op, so one thread on a busy core
-    stalls them all; eval_ppl.py ran 14-70x slower with 2 threads than with 1 on a busy 2-core machine
+    stalls them all; eval_ppl.py ran 7-90x slower with 2 threads than with 1 on a busy 2-core machine
     (benchmarks/bench_threads.py), while a second thread gains at most 2x on an idle one."""
     threads = torch.get_num_threads()
     if threads == 1 or os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
