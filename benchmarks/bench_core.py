@@ -27,6 +27,7 @@ import ka_hf
 from ka_hf.study import files
 from ka_hf.study.cli import (
     DTYPES,
+    ArgumentParser,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
@@ -145,7 +146,7 @@ def train_step_seconds(model, seq_len, batch, device, ka, repeats):
 
 @user_errors_exit_2
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-small,pythia-70m")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-prompt", type=int, default=128)
@@ -228,7 +229,8 @@ def main(argv=None):
         ]
         print("| " + " | ".join(cells) + " |")
     if args.out:
-        files.write_json(args.out, dict(machine=machine, dtype=args.dtype, torch=torch.__version__, rows=rows))
+        record = dict(machine=machine, dtype=args.dtype, torch=torch.__version__, rows=rows)
+        files.write_results(args.out, lambda path: files.write_json(path, record), file=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 
 from ka_hf.study import files
 from ka_hf.study.cli import (
+    ArgumentParser,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
@@ -264,7 +265,7 @@ def plot(rows, path):
 
 @user_errors_exit_2
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--repeats", type=int, default=2)
@@ -274,8 +275,8 @@ def main(argv=None):
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = str(device_of(args))  # resolved once, so every child measures on the same device
-    apply_runtime_flags(args)
     args.threads = args.threads if args.threads is not None else os.cpu_count()
+    apply_runtime_flags(args)
     if args.child:
         kind, mode, length = args.child
         print(json.dumps(measure(kind, mode, int(length), args)))
@@ -303,10 +304,15 @@ def main(argv=None):
     )
     markdown = header + "\n" + table(rows) if set(kinds) == set(KINDS) else header
     print(markdown)
-    files.write_json(out / "bench_long.json", dict(machine=machine, dtype=args.dtype, rows=rows))
-    files.write_text(out / "bench_long.md", markdown + "\n")
-    if set(kinds) == set(KINDS):
-        plot(rows, out / "bench_long.png")
+
+    def write(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        files.write_json(folder / "bench_long.json", dict(machine=machine, dtype=args.dtype, rows=rows))
+        files.write_text(folder / "bench_long.md", markdown + "\n")
+        if set(kinds) == set(KINDS):
+            plot(rows, folder / "bench_long.png")
+
+    files.write_results(out, write)
     print(f"wrote {out}/bench_long.json, .md, .png")
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import ka_hf
 from ka_hf.study import files, report
 from ka_hf.study.cli import (
+    ArgumentParser,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
@@ -52,7 +53,7 @@ def make_step(model, optimizer, input_ids, kind, device):
 
 @user_errors_exit_2
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=50304, help="Pythia's padded vocabulary by default")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -119,9 +120,8 @@ def main(argv=None):
     )
     print(f"KA (parallel) / standard = {rows[1]['ratio']:.2f}x (median), {rows[1]['min_ratio']:.2f}x (fastest steps)")
     if args.out:
-        report.write_json(
-            args.out, dict(args=vars(args), parameters=parameters, results=rows, environment=report.environment())
-        )
+        record = dict(args=vars(args), parameters=parameters, results=rows, environment=report.environment())
+        files.write_results(args.out, lambda path: report.write_json(path, record), file=True)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,20 @@ results.md, nll_by_position.png (+ nll_gap_by_position.png, layer_sweep.png) to 
 import argparse
 import sys
 
-from ka_hf.errors import KAError
-from ka_hf.study import files
 from ka_hf.study.cli import (
-    accelerate_cpu,
+    ArgumentParser,
     add_data_arguments,
     add_model_and_mode_arguments,
     add_output_arguments,
     add_runtime_arguments,
+    on_interrupt,
     user_errors_exit_2,
 )
-from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, check_adapter_given, parse_modes, run_ppl_eval
+from ka_hf.study.evaluation import METHODS, SWEEPS, PplRun, run_ppl_eval
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_mode_arguments(parser)
     add_output_arguments(parser, default="eval_ppl_out", what="results.json/.md and the plots")
     add_data_arguments(parser, split="test", default="the offline corpus, ka_hf.study.data.default_corpus")
@@ -55,32 +54,15 @@ def parse_args(argv=None):
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
     run.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser)
-    args = parser.parse_args(argv)
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Fail on bad flags before loading anything."""
-    if args.stride > args.max_length:
-        raise KAError(f"--stride ({args.stride}) must not exceed --max-length ({args.max_length})")
-    if args.stride < 1 or args.max_length < 2:
-        raise KAError("need --stride >= 1 and --max-length >= 2")
-    if args.dataset and args.text_file:
-        raise KAError("give --dataset or --text-file, not both")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise KAError("--max-windows must be at least 1")
-    # unknown modes fail now; layer indices are checked once the model is loaded
-    check_adapter_given(parse_modes(args.modes), args.adapter)
-    accelerate_cpu(args.device)  # a device that is not here fails now, before the model loads
-    files.check_out_dir(args.out, args.overwrite)
+    return parser.parse_args(argv)
 
 
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    run = PplRun(**{key: value for key, value in vars(args).items()})
-    result = run_ppl_eval(run)
+    run = PplRun(**vars(args))
+    with on_interrupt(lambda: f"no results were written to {args.out} (they are written when every mode is scored)"):
+        result = run_ppl_eval(run)  # checks every flag and input first (check_run), before any work
     if result is not None:  # the main process
         print(result["summary"])
 

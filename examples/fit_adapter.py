@@ -19,6 +19,7 @@ and the study write): it fits on the training text and scores the text that trai
 import argparse
 import copy
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -28,12 +29,17 @@ from ka_hf.errors import KAError
 from ka_hf.study import files, report
 from ka_hf.study.cli import (
     DTYPES,
+    ArgumentParser,
     add_data_arguments,
     add_model_arguments,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
+    check_data_flags,
+    check_model_flags,
+    check_numbers,
     device_of,
+    on_interrupt,
     user_errors_exit_2,
 )
 from ka_hf.study.fit_adapters import check_fittable, compare_ppl, distill_adapter, fit_adapter_least_squares
@@ -45,7 +51,7 @@ DATA_KEYS = ("dataset", "dataset_config", "split", "val_split", "text_file", "va
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, what="a standard-trained checkpoint")
     add_output_arguments(parser, what="the adapter and its results.json", required=True)
     parser.add_argument(
@@ -68,17 +74,29 @@ def parse_args(argv=None):
     data.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
-    if args.dataset and args.text_file:
-        raise KAError("give --dataset or --text-file, not both")
-    files.check_out_dir(args.out, args.overwrite)  # before anything is loaded or written
+    counts = dict(batch_size=1, samples=1, val_samples=1, seq_len=2, distill_steps=0, mlp_hidden=0, threads=1)
+    check_numbers(args, at_least=counts | dict(ridge=0), above=dict(lr=0))
     device_of(args)  # a device that is not here fails now
     return args
 
 
-def data_config(args, model) -> tuple[TrainConfig, str]:
+def check_inputs(args) -> tuple[TrainConfig, str]:
+    """Every file the run reads or writes, cheaply, before any work: the model (config and weights' headers; one
+    an adapter can be fit for), its tokenizer, the text files (the flags' or the model's recorded ones), --out
+    (earlier results, writable). Returns data_config's (TrainConfig, held-out text)."""
+    config = check_model_flags(args)
+    check_fittable(SimpleNamespace(config=config))  # (it reads the model's config only)
+    check_data_flags(args)
+    data, held_out = data_config(args, config)
+    check_data_flags(data)  # the model's recorded text files may have moved since it was trained
+    files.check_out_dir(args.out, args.overwrite)
+    return data, held_out
+
+
+def data_config(args, model_config) -> tuple[TrainConfig, str]:
     """The data part of a TrainConfig (the flags, else the model's recorded training data) and a sentence saying
     which text is held out and at which sequence length. KAError when there is no held-out text to score."""
-    recorded = provenance(model.config).get("training", {})
+    recorded = provenance(model_config).get("training", {})
     values = {key: getattr(args, key) for key in DATA_KEYS}
     val_fraction = TrainConfig(out="").val_fraction
     if not (args.dataset or args.text_file):
@@ -95,7 +113,7 @@ def data_config(args, model) -> tuple[TrainConfig, str]:
                 f"{args.model} records its training file {values['text_file']} but not which text it held out: "
                 "give --val-text-file FILE, held-out text to score on"
             )
-    seq_len = args.seq_len or recorded.get("seq_len")
+    seq_len = args.seq_len if args.seq_len is not None else recorded.get("seq_len")
     if seq_len is None:
         raise KAError(f"{args.model} does not record its training sequence length: give --seq-len N")
     config = TrainConfig(
@@ -125,13 +143,28 @@ def held_out_text(config: TrainConfig, source: str) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
+    config, held_out = check_inputs(args)
     apply_runtime_flags(args)
+    with on_interrupt(lambda: f"nothing was written to {args.out} (the adapter is saved once it is fit and scored)"):
+        adapter, results_record = fit_and_score(args, config, held_out)
+
+    def write(folder):
+        with files.staged_dir(folder) as staging:  # the adapter and its results appear together, complete
+            save_adapter(adapter, staging)
+            files.write_json(staging / "results.json", results_record)
+
+    files.write_results(args.out, write)
+    print(json.dumps(results_record.ppl, indent=2))
+    print(f"held-out text: {held_out}")
+    print(f"adapter saved to {args.out}")
+
+
+def fit_and_score(args, config: TrainConfig, held_out: str):
+    """(the fitted adapter, its AdapterFitRecord): least squares, then distillation with --distill-steps, then PPL
+    kv / ka / ka+adapter on the held-out blocks."""
     torch.manual_seed(args.seed)
-    device = device_of(args)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device_of(args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_fittable(model)  # before any data or fitting: an unsupported or KA-trained model is refused at once
-    config, held_out = data_config(args, model)
     print(f"held-out text: {held_out}")
     train_blocks, val_blocks = make_blocks(config, tokenizer, *load_data_texts(config)[:2])
     batches = list(train_blocks.split(args.batch_size))
@@ -146,7 +179,7 @@ def main(argv=None):
         adapters["ka+adapter (distilled)"] = adapter
 
     results = compare_ppl(model, adapters, val_blocks, args.batch_size, progress=args.progress)
-    results_record = AdapterFitRecord(
+    record = AdapterFitRecord(
         model=args.model,
         adapter=args.out,
         val_blocks=len(val_blocks),
@@ -156,12 +189,7 @@ def main(argv=None):
         environment=report.environment(),
         extra={"held_out_text": held_out},
     )
-    with files.staged_dir(args.out) as staging:  # the adapter and its results appear together, complete
-        save_adapter(adapter, staging)
-        files.write_json(staging / "results.json", results_record)
-    print(json.dumps(results, indent=2))
-    print(f"held-out text: {held_out}")
-    print(f"adapter saved to {args.out}")
+    return adapter, record
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 from ka_hf.study import hub
-from ka_hf.study.cli import add_output_arguments, user_errors_exit_2
+from ka_hf.study.cli import ArgumentParser, add_output_arguments, user_errors_exit_2
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, metavar="DIR", help="a save_pretrained directory (a run's best/)")
     parser.add_argument("--repo-id", required=True, metavar="USER/NAME")
     parser.add_argument(

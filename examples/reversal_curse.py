@@ -19,11 +19,15 @@ from ka_hf.errors import KAError
 from ka_hf.study import files, report
 from ka_hf.study.cli import (
     DTYPES,
+    ArgumentParser,
     add_model_and_mode_arguments,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
+    check_model_flags,
+    check_numbers,
     device_of,
+    on_interrupt,
     user_errors_exit_2,
 )
 from ka_hf.study.evaluation import check_adapter_given, parse_modes
@@ -42,7 +46,7 @@ from ka_hf.study.records import ReversalRecord
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_mode_arguments(parser)
     parser.add_argument("--facts", type=int, metavar="N", help="make_facts(N, seed): default the model's record")
     parser.add_argument("--facts-seed", type=int, metavar="S", help="default: the model's record, else 0")
@@ -64,16 +68,27 @@ def parse_args(argv=None):
     add_output_arguments(parser, default="reversal_out", what="results.json/.md")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
+    check_numbers(args, at_least=dict(batch_size=1, facts=1, threads=1))
     check_adapter_given(parse_modes(args.modes), args.adapter)  # unknown modes fail before the model loads
     check_split(args.split)
     device_of(args)  # a device that is not here fails now
-    files.check_out_dir(args.out, args.overwrite)
     return args
 
 
-def facts_config(args, model) -> dict:
+def check_inputs(args) -> dict:
+    """Every file the run reads or writes, cheaply, before any work: the model (config and weights' headers), its
+    tokenizer, the adapter, the modes' layers, the facts (the flags' or the model's record), --out (earlier
+    results, writable). Returns facts_config's record."""
+    config = check_model_flags(args)
+    parse_modes(args.modes, config.num_hidden_layers)
+    facts = facts_config(args, config)
+    files.check_out_dir(args.out, args.overwrite)
+    return facts
+
+
+def facts_config(args, model_config) -> dict:
     """n, seed and trained_on from the flags, else the model's provenance record; says where each came from."""
-    recorded = recorded_facts(model.config)
+    recorded = recorded_facts(model_config)
     n = args.facts if args.facts is not None else recorded.get("n")
     if n is None:
         raise KAError(
@@ -110,12 +125,27 @@ def results_markdown(record: dict) -> str:
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
+    facts = check_inputs(args)
     apply_runtime_flags(args)
+    with on_interrupt(lambda: f"no results were written to {args.out} (they are written when every mode is scored)"):
+        record = score(args, facts)
+    out = Path(args.out)
+
+    def write(folder):
+        files.write_json(folder / "results.json", ReversalRecord.build(record))
+        files.write_text(folder / "results.md", results_markdown(record))
+
+    files.write_results(out, write)
+    print("\n\n".join(f"{split}:\n{reversal_table(record['results'], split)}" for split in record["splits"]))
+    print(f"written to {out}/")
+
+
+def score(args, facts: dict) -> dict:
+    """The results record: every mode's forward and backward PPL (and exact match) of the facts."""
     device = device_of(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     modes = parse_modes(args.modes, model.config.num_hidden_layers)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    facts = facts_config(args, model)
     adapter = None
     if args.adapter:
         from ka_hf.adapters import load_adapter
@@ -150,11 +180,7 @@ def main(argv=None):
         "environment": report.environment(),
         "results": results,
     }
-    out = Path(args.out)
-    files.write_json(out / "results.json", ReversalRecord.build(record))
-    files.write_text(out / "results.md", results_markdown(record))
-    print("\n\n".join(f"{split}:\n{reversal_table(results, split)}" for split in record["splits"]))
-    print(f"written to {out}/")
+    return record
 
 
 if __name__ == "__main__":

@@ -13,20 +13,38 @@ tokenizer and config.ka recording how it was trained). See docs/training.md.
 """
 
 import argparse
+import json
+from pathlib import Path
 
 from ka_hf.config import VARIANTS
+from ka_hf.preflight import check_model_files, check_tokenizer_files, check_writable, read_json_file
 from ka_hf.study.cli import (
     ATTENTION_HELP,
+    ArgumentParser,
     accelerate_cpu,
     add_data_arguments,
     add_output_arguments,
     add_runtime_arguments,
     apply_runtime_flags,
+    check_data_flags,
+    check_numbers,
+    on_interrupt,
     parse_attention,
     user_errors_exit_2,
 )
 from ka_hf.study.models import ARCHITECTURES
-from ka_hf.study.training import PRECISIONS, SCHEDULES, TrainConfig, load_train_config, train
+from ka_hf.study.training import (
+    PRECISIONS,
+    SCHEDULES,
+    TRAINER_STATE,
+    RunState,
+    TrainConfig,
+    check_config,
+    load_train_config,
+    train,
+)
+
+RESUME = "python examples/train.py --resume"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -42,7 +60,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv=None):
     defaults = TrainConfig(out="")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_output_arguments(
         parser, what="the run's files (required unless --resume)", overwrite_note="; with --resume DIR: restart it"
     )
@@ -105,26 +123,60 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.out is None and args.resume is None:
         parser.error("give --out DIR (or --resume DIR)")
+    check_numbers(args, at_least=dict(threads=1))
     return args
 
 
 @user_errors_exit_2
 def main(argv=None):
     args = parse_args(argv)
-    apply_runtime_flags(args)
     if args.resume is not None:
         config = load_train_config(args.resume)
         config.out, config.progress = args.resume, args.progress
-        result = train(config, resume=True, overwrite=args.overwrite)
     else:
         flags = {"resume", "overwrite", "device", "threads", "attention"}
         values = {key: value for key, value in vars(args).items() if key not in flags}
         attention, ka_layers = parse_attention(args.attention)
         config = TrainConfig(**values, attention=attention, ka_layers=ka_layers, cpu=accelerate_cpu(args.device))
-        result = train(config, overwrite=args.overwrite)
+    check_inputs(config, "--resume" if args.resume is not None else "--out")
+    apply_runtime_flags(args)
+    with on_interrupt(lambda: interrupted_note(config.out)):
+        result = train(config, resume=args.resume is not None, overwrite=args.overwrite)
     if result.is_main_process:
         print((result.out_dir / "epochs.md").read_text())
         print(f"best checkpoint: {result.best_dir}")
+
+
+def check_inputs(config: TrainConfig, option: str) -> None:
+    """Every setting and file the run reads or writes, cheaply, before any work (train() itself refuses a folder
+    that holds another run): the settings, the text files, the model to fine-tune, the tokenizer, the model config
+    file, and that the run's folder is writable. With --resume: the files its saved settings name (they may have
+    moved since)."""
+    check_config(config)
+    check_numbers(config, at_least=dict(val_samples=1))
+    check_data_flags(config)
+    if config.model is not None:
+        check_model_files(config.model, "--model")
+    if config.tokenizer is not None or config.model is not None:
+        check_tokenizer_files(config.tokenizer or config.model, "--tokenizer" if config.tokenizer else "--model")
+    if config.model_config is not None:
+        read_json_file(config.model_config, "--model-config")
+    check_writable(config.out, option)
+
+
+def interrupted_note(out) -> str:
+    """What a Ctrl-C leaves, and the command that goes on from there."""
+    out = Path(out)
+    state = out / "last" / TRAINER_STATE
+    if state.is_file():
+        epochs = RunState(**json.loads(state.read_text())).epochs_done
+        return f"the checkpoint after epoch {epochs} is in {out / 'last'}; continue with: {RESUME} {out}"
+    if (out / "train_config.json").is_file():
+        return (
+            f"no checkpoint yet in {out} (the first epoch had not ended); start it again with: "
+            f"{RESUME} {out} --overwrite"
+        )
+    return f"nothing was written to {out}"
 
 
 if __name__ == "__main__":

@@ -6,29 +6,14 @@ With ka_hf imported (this module is part of it) a KA-trained model runs exact KA
 reattaches a plan-1 adapter kept beside the weights.
 """
 
-import os
 from pathlib import Path
 
 from .adapters import CONFIG_NAME as ADAPTER_CONFIG
 from .adapters import load_adapter
 from .errors import KAError
+from .preflight import check_local_path
 
 ADAPTER_SUBDIR = "adapter"  # where a published folder keeps its plan-1 adapter
-
-
-def looks_local(path_or_id: str) -> bool:
-    """A name that can only be a local path: starts with `.`, `/` or `~`, has more than one `/` (a Hub id has
-    one), has the OS separator, or whose first part exists here (`runs/typo` when `runs/` exists)."""
-    name = str(path_or_id)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
-        return True
-    return "/" in name and os.path.exists(name.split("/", 1)[0])
-
-
-def check_local_path(path_or_id, what: str = "model path") -> None:
-    """A local-looking name that does not exist is a typo, not a Hub id: say so at once, without the network."""
-    if looks_local(path_or_id) and not os.path.exists(os.path.expanduser(str(path_or_id))):
-        raise KAError(f"{what} {str(path_or_id)!r} does not exist (no such local directory)")
 
 
 def load_ka_model(path_or_repo: str, **from_pretrained_kwargs):

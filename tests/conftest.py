@@ -118,3 +118,76 @@ FEATURE_MODELS = {
         ("eager",),
     ),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs: refused at once, with one line, writing nothing (tests/test_safe_inputs.py and its neighbours)
+
+
+def refused_at_once(main, argv, capsys, max_cpu_seconds: float = 2.0) -> str:
+    """Run a script's main(argv); it must exit 2 with exactly one `error:` line on stderr, spending less than
+    `max_cpu_seconds` of CPU (this process's: a busy machine stretches wall time, not CPU time). Returns the line."""
+    import time
+
+    capsys.readouterr()
+    started = time.process_time()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    spent = time.process_time() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2, (argv, err)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert spent < max_cpu_seconds, f"{spent:.2f} s of CPU before the refusal: {argv}"
+    assert "Traceback" not in err[0] and "weights_only" not in err[0], err
+    return err[0]
+
+
+def tree_state(folder) -> dict:
+    """Every path under `folder`, with each file's bytes and mtime: equal before and after = nothing written."""
+    return {
+        str(path): (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else "folder"
+        for path in sorted(Path(folder).rglob("*"))
+    }
+
+
+def _stops_writes(folder) -> bool:
+    try:
+        (Path(folder) / "probe").write_text("x")
+    except OSError:
+        return True
+    (Path(folder) / "probe").unlink()
+    return False
+
+
+@pytest.fixture(params=["read-only folder", "under /proc", "under a file"])
+def unwritable_out(request, tmp_path):
+    """An --out that cannot be written, by root too (mode bits alone do not stop root): a folder made immutable
+    (chattr +i as root; mode 0555 otherwise, which stops any other user), a path under /proc, a path below a
+    file. Skips the first kind where neither works here."""
+    import os
+    import subprocess
+
+    if request.param == "under /proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        yield Path("/proc/ka_hf_out")
+        return
+    if request.param == "under a file":
+        (tmp_path / "a-file").write_text("not a folder")
+        yield tmp_path / "a-file" / "out"
+        return
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    else:
+        folder.chmod(0o555)
+        made = True
+    if not made or not _stops_writes(folder):
+        pytest.skip("no way to make a folder read-only for this user here (chattr +i needs root on ext4/xfs)")
+    try:
+        yield folder / "out"
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)

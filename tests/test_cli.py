@@ -187,3 +187,42 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.txt"
     path.write_text("\n".join(text.replace("\n", " ") for text in default_corpus("train")[:20]) + "\n")
     return path
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch, capsys):
+    """torch's default (OMP_NUM_THREADS, else the CPU affinity), lowered to the cores the load average leaves
+    free: on a busy machine threads on busy cores wait for each other (benchmarks/bench_threads.py)."""
+    import argparse
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        for load, expected in ((0.2, 4), (1.4, 3), (3.0, 1), (10.0, 1)):
+            monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+            threads, note = cli.default_threads()
+            assert threads == expected, load
+            assert (note is None) == (expected == 4) and (note is None or "--threads N" in note), note
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice is kept, busy or not
+        assert cli.default_threads() == (4, None)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        args = argparse.Namespace(threads=None)
+        cli.apply_runtime_flags(args)
+        assert args.threads == torch.get_num_threads() == 1  # (load 10: what the results record says)
+        assert capsys.readouterr().err.startswith("torch threads: 1 of 4 (load average 10.0 on 4 cores")
+        cli.apply_runtime_flags(argparse.Namespace(threads=3))
+        assert torch.get_num_threads() == 3 and capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_bad_command_line_is_one_error_line(capsys):
+    parser = cli.ArgumentParser(prog="script.py")
+    parser.add_argument("--n", type=int, required=True)
+    for argv, message in (([], "the following arguments are required: --n"), (["--n", "x"], "invalid int value")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+        assert err[0].startswith("error: ") and err[0].endswith("(see script.py --help)")

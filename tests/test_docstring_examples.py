@@ -123,3 +123,75 @@ def test_study_docstring_commands_parse(tmp_path, monkeypatch):
         config, overwrite, resume = reached[-1]
         assert config.out == argv[argv.index("--out") + 1]
         assert (overwrite, resume) == ("--overwrite" in argv, "--resume" in argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's commands, as a user runs them in a fresh clone: in an empty folder that has the repository's
+# examples/ (as a clone does) and no ../shared beside it, top to bottom, after the quick study they start with.
+
+README_SKIPPED = (
+    "pip ",  # installing: done here already
+    "ruff ",  # the lint step of the test command
+    "HF_HUB_OFFLINE=1 python -m pytest",  # the test suite itself
+    "accelerate launch ",  # several processes: test_evaluation's two-process test
+    "torchrun ",
+)
+README_TINY = {  # (the study: every stage with a handful of steps, as --smoke runs it)
+    "ka_hf.experiment": ["--smoke", "--no-progress"],
+    "ka_hf.lm_eval": ["--limit", "2"],
+}
+
+
+def readme_commands() -> list[str]:
+    """The commands in README.md's ```bash blocks: continuation lines joined, comments dropped, `a && b` split,
+    each distinct command once (the README shows the quick study's command twice)."""
+    import re
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = re.split(r"\s#\s|^#", line)[0].strip()
+            commands += [part.strip() for part in line.split("&&") if part.strip()]
+    return list(dict.fromkeys(commands))
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_in_a_fresh_clone(tmp_path, monkeypatch, capsys):
+    import sys
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "examples").symlink_to(REPO_ROOT / "examples")
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("KA_HF_DATA", str(tmp_path / "no-shared-data"))  # the study's default data home: absent
+    ran, skipped = [], []
+    for command in readme_commands():
+        if command.startswith(README_SKIPPED):
+            skipped.append(command)
+            continue
+        words = shlex.split(command)
+        assert words[0] == "python", f"a README command this test does not know how to run: {command}"
+        assert not any("../shared" in word for word in words), f"reads data a fresh clone lacks: {command}"
+        if words[1] == "-m":
+            module, argv = words[2], words[3:] + README_TINY.get(words[2], [])
+            if module == "ka_hf.experiment":
+                experiment.main(argv)
+            elif module == "ka_hf.lm_eval":
+                pytest.importorskip("lm_eval")
+                from ka_hf.lm_eval.__main__ import main
+
+                monkeypatch.setattr(sys, "argv", ["python -m ka_hf.lm_eval", *argv])
+                main()
+            else:
+                raise AssertionError(f"a README command this test does not know how to run: {command}")
+        else:
+            script = words[1].removeprefix("examples/").removesuffix(".py")
+            load_script(script).main(shrink(script, words[2:], tmp_path))
+        ran.append(command)
+    assert len(ran) >= 10 and any("ka_hf.lm_eval" in c for c in ran), ran
+    assert {c.split()[0] for c in skipped} <= {"pip", "ruff", "HF_HUB_OFFLINE=1", "accelerate", "torchrun"}
+    out = capsys.readouterr().out
+    assert "quick_study_validation" in out and "dry run:" in out
+    for results in ("runs/quick/report.md", "runs/quick-eval/results.json", "R/results.json"):
+        assert (clone / results).is_file(), results

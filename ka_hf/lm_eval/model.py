@@ -25,6 +25,7 @@ from ka_hf.adapters import load_adapter
 from ka_hf.config import exact_ka, without_ka
 from ka_hf.errors import KAError, KAInternalError
 from ka_hf.modes import WINDOW_KINDS, parse_mode
+from ka_hf.preflight import check_model_files
 
 MODEL_NAME = "ka_hf"
 LM_EVAL_MODES = "kv, ka, ka-hybrid, ka@LAYERS (e.g. ka@0-2) or ka+adapter (with adapter=DIR)"
@@ -57,6 +58,8 @@ class KALM(HFLM):
 
     def __init__(self, pretrained, ka_mode: str = "ka", adapter: str | None = None, **kwargs):
         check_lm_eval_mode(ka_mode, adapter)  # before the model loads
+        if isinstance(pretrained, str):  # (a model object is HFLM's to check)
+            check_model_files(pretrained, "pretrained=")
         super().__init__(pretrained=pretrained, **kwargs)
         self.mode = check_lm_eval_mode(ka_mode, adapter, self.model.config.num_hidden_layers)
         self.adapter = load_adapter(adapter, self.device, self.model.dtype) if adapter else None

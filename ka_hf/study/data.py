@@ -31,6 +31,7 @@ far smaller than WikiText (use `text_file=`/`dataset=` for real studies).
 """
 
 import ast
+import codecs
 import functools
 import hashlib
 import os
@@ -104,16 +105,39 @@ def load_train_val_texts(
     return train_texts, val_texts, f"{name} [{split} / {val_split}]"
 
 
-def _load_local_file(path, text_column):
-    from datasets import load_dataset  # imported lazily: `datasets` is slow to import
-
+def check_text_file(path, what: str = "text file") -> str:
+    """The `datasets` builder for a local text file, or KAError (one line) when it cannot be read: missing, a
+    folder, an unknown type, empty, unreadable, or (.txt/.json/.jsonl) not UTF-8 in its first 64 KiB. Cheap: the
+    scripts call it for every text-file flag before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise KAError(f"{what} {path} is a folder, not a file: give a {', '.join(LOCAL_BUILDERS)} file")
     if not path.is_file():
-        raise KAError(f"text file not found: {path} (check the path; it is read relative to the current directory)")
+        raise KAError(f"{what} not found: {path} (check the path; it is read relative to the current directory)")
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise KAError(f"unknown text file type '{path.suffix}' for {path}: use one of {', '.join(LOCAL_BUILDERS)}")
     if path.stat().st_size == 0:
         raise KAError(f"no text in {path}: the file is empty")  # `datasets` fails obscurely on empty files
+    try:
+        with path.open("rb") as file:
+            head = file.read(1 << 16)
+    except OSError as error:
+        raise KAError(f"cannot read {what} {path}: {error.strerror}") from None
+    if builder != "parquet":
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # (a character cut at the end is not an error)
+        except UnicodeDecodeError as error:
+            raise KAError(f"cannot decode {path} as UTF-8 (byte {error.start}): re-save it as UTF-8 text") from None
+    if builder == "text" and len(head) == path.stat().st_size and not head.strip():
+        raise KAError(f"no text in {path}: the file holds only white space")
+    return builder
+
+
+def _load_local_file(path, text_column):
+    from datasets import load_dataset  # imported lazily: `datasets` is slow to import
+
+    builder = check_text_file(path)
     try:
         ds = load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # `datasets` wraps decode errors in its own exception types

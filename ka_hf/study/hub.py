@@ -32,6 +32,7 @@ from ka_hf.adapters import attention_shape, check_base, read_adapter_config, rea
 from ka_hf.architectures import SUPPORTED_ARCHITECTURES
 from ka_hf.config import KAConfig, provenance
 from ka_hf.errors import KAError
+from ka_hf.preflight import check_model_files
 from ka_hf.pretrained import ADAPTER_SUBDIR
 
 from . import files, records, report
@@ -90,16 +91,13 @@ def check_repo_id(repo_id: str) -> str:
 def check_model_dir(model_dir) -> Path:
     """A save_pretrained directory of a supported architecture with safetensors weights, or KAError."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not model_dir.exists():
         raise KAError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise KAError(
-            f"{model_dir} has no config.json: give the directory model.save_pretrained() wrote (a training run's best/)"
-        )
-    if not any(model_dir.glob("*.safetensors")):
+    if model_dir.is_dir() and (model_dir / "config.json").is_file() and not any(model_dir.glob("*.safetensors")):
         other = [path.name for path in model_dir.glob("*.bin")]
         hint = f" (it has {', '.join(other)}: load and re-save it)" if other else ""
         raise KAError(f"{model_dir} has no safetensors weights{hint}: save with model.save_pretrained(dir)")
+    check_model_files(model_dir, "--model")  # a folder, config.json readable, weights not truncated
     model_type = _read_json(model_dir / "config.json").get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise KAError(

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ka_hf.errors import KAError
-from ka_hf.pretrained import check_local_path
+from ka_hf.preflight import check_local_path, check_model_files, check_tokenizer_files
 
 ARCHITECTURES = ("gpt2", "gpt-neox", "llama", "mistral", "qwen2")
 
@@ -102,8 +102,9 @@ def _check_exists(path_or_id: str) -> None:
 
 
 def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device=None, attn_implementation="sdpa"):
-    """Load a causal LM (local `save_pretrained` directory or Hub id) in eval mode."""
-    _check_exists(path_or_id)
+    """Load a causal LM (local `save_pretrained` directory or Hub id) in eval mode; a folder or id that is not a
+    loadable model is refused first, cheaply (ka_hf.preflight.check_model_files)."""
+    check_model_files(path_or_id, "model path")
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as error:
@@ -114,7 +115,7 @@ def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device=N
 
 
 def load_tokenizer(path_or_id: str):
-    _check_exists(path_or_id)
+    check_tokenizer_files(path_or_id, "tokenizer path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except OSError as error:

@@ -13,13 +13,13 @@ from ka_hf.architectures import SUPPORTED_ARCHITECTURES, num_kv_heads
 from ka_hf.errors import KAError
 from ka_hf.modes import parse_modes
 
-from .. import report
-from ..cli import DTYPES, accelerate_cpu, apply_runtime_flags
+from .. import files, report
+from ..cli import DTYPES, accelerate_cpu, apply_runtime_flags, check_data_flags, check_model_flags, check_numbers
 from ..data import count_scored_tokens, load_texts, ppl_windows, tokenize_texts
 from ..models import load_model, load_tokenizer
 from ..records import EvalRecord
 from .modes import DEFINITIONS, check_adapter_given, layer_sweep_modes
-from .ppl import METHOD_DESCRIPTIONS, add_degradation, score_modes
+from .ppl import METHOD_DESCRIPTIONS, METHODS, add_degradation, score_modes
 
 SWEEPS = ("prefix", "single")
 TABLE_COLUMNS = [
@@ -67,10 +67,12 @@ class PplRun:
 
 def run_ppl_eval(run: PplRun) -> dict | None:
     """Run it; returns the results record on the main process (with a printable "summary"), None elsewhere.
-    An `out` that holds earlier results is refused (KAError) unless run.overwrite."""
+    Every setting and input is checked first (check_run: one KAError before any work); an `out` that holds
+    earlier results is refused unless run.overwrite. When the results cannot be written to `out` at the end, they
+    are written next to it (or in the temporary folder) and the KAError says where."""
     from accelerate import Accelerator
 
-    report.check_out_dir(run.out, run.overwrite)
+    check_run(run)
     apply_runtime_flags(run)
     accelerator = Accelerator(cpu=accelerate_cpu(run.device), mixed_precision=run.mixed_precision)
     try:
@@ -84,11 +86,9 @@ def _run(run: PplRun, accelerator) -> dict | None:
 
     log = accelerator.print
     set_seed(run.seed)
-    check_adapter_given(parse_modes(run.modes), run.adapter)  # before loading
     model = load_model(run.model, dtype=DTYPES[run.dtype], device=accelerator.device)
     adapter = load_checked_adapter(run.adapter, model, accelerator.device) if run.adapter else None
     modes = parse_modes(run.modes, model.config.num_hidden_layers)
-    check_model(model, modes, run)
     tokenizer = load_tokenizer(run.tokenizer or run.model)
 
     data, windows = load_windows(run, tokenizer)
@@ -119,7 +119,7 @@ def _run(run: PplRun, accelerator) -> dict | None:
         return None
     record = results_record(run, model, data, windows, results, sweep, accelerator)
     record["adapter"] = None if adapter is None else {"path": run.adapter, **adapter.config_dict()}
-    record["files"] = write_report(record, Path(run.out))
+    record["files"] = files.write_results(run.out, lambda folder: write_report(record, folder))
     record["summary"] = results_markdown(record, with_header=False) + f"\n\nwritten to {run.out}/"
     return record
 
@@ -137,15 +137,39 @@ def load_checked_adapter(path, model, device):
     return adapter
 
 
-def check_model(model, modes, run: PplRun) -> None:
-    if any(mode.uses_ka for mode in modes) and model.config.model_type not in SUPPORTED_ARCHITECTURES:
+def check_run(run: PplRun) -> None:
+    """Every setting and every file the run reads or writes, cheaply, before any work; one KAError naming the flag:
+    the numbers, modes and device; the model (config and weight headers), tokenizer and adapter; the modes'
+    layers and --max-length against the model's config; the text file; --out (earlier results, writable)."""
+    if run.stride > run.max_length:
+        raise KAError(f"--stride ({run.stride}) must not exceed --max-length ({run.max_length})")
+    if run.stride < 1 or run.max_length < 2:
+        raise KAError("need --stride >= 1 and --max-length >= 2")
+    check_numbers(run, at_least=dict(batch_size=1, max_windows=1, threads=1))
+    if run.method not in METHODS:
+        raise KAError(f"method={run.method!r}: use one of {', '.join(METHODS)}")
+    if run.layer_sweep is not None and run.layer_sweep not in SWEEPS:
+        raise KAError(f"layer_sweep={run.layer_sweep!r}: use one of {', '.join(SWEEPS)}")
+    if run.dtype not in DTYPES:
+        raise KAError(f"dtype={run.dtype!r}: use one of {', '.join(DTYPES)}")
+    check_adapter_given(parse_modes(run.modes), run.adapter)  # unknown modes fail before the model is read
+    accelerate_cpu(run.device)  # a device that is not here
+    config = check_model_flags(run)
+    check_model(config, parse_modes(run.modes, config.num_hidden_layers), run.max_length)
+    check_data_flags(run)
+    files.check_out_dir(run.out, run.overwrite)
+
+
+def check_model(config, modes, max_length: int) -> None:
+    """KA modes need a supported architecture; the windows must fit the model's positions."""
+    if any(mode.uses_ka for mode in modes) and config.model_type not in SUPPORTED_ARCHITECTURES:
         raise KAError(
             f"KA modes need a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
-            f"model is {model.config.model_type!r}: use --modes kv"
+            f"model is {config.model_type!r}: use --modes kv"
         )
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if positions is not None and run.max_length > positions:
-        raise KAError(f"--max-length {run.max_length} exceeds the model's {positions} positions")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and max_length > positions:
+        raise KAError(f"--max-length {max_length} exceeds the model's {positions} positions")
 
 
 def load_windows(run: PplRun, tokenizer):
@@ -338,16 +362,18 @@ def position_gaps(result, kv, parts: int = 4) -> dict:
 
 
 def write_report(record: dict, out: Path) -> list[str]:
-    """results.json, results.md and the PNGs in `out`; returns the file names."""
+    """results.json (first: the scores), results.md and the PNGs in `out`; returns the file names."""
     out.mkdir(parents=True, exist_ok=True)
-    files = [plot_nll_by_position(record, out / "nll_by_position.png")]
+    plots = {"nll_by_position.png": plot_nll_by_position}
     if any(r["mode"] == "kv" for r in record["results"]):
-        files.append(plot_nll_gap_by_position(record, out / "nll_gap_by_position.png"))
+        plots["nll_gap_by_position.png"] = plot_nll_gap_by_position
     if record.get("layer_sweep"):
-        files.append(plot_layer_sweep(record, out / "layer_sweep.png"))
-    report.write_text(out / "results.md", results_markdown(record) + "\n")
-    names = ["results.json", "results.md"] + [Path(path).name for path in files]
+        plots["layer_sweep.png"] = plot_layer_sweep
+    names = ["results.json", "results.md", *plots]
     report.write_json(out / "results.json", EvalRecord.build(record | {"files": names}))
+    report.write_text(out / "results.md", results_markdown(record) + "\n")
+    for name, plot in plots.items():
+        plot(record, out / name)
     return names
 
 
