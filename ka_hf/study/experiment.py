@@ -52,14 +52,17 @@ from .data import (
     train_tokenizer,
 )
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
+from .evaluation.distributions import av_statistics
 from .evaluation.ppl import add_degradation
+from .evaluation.ranks import name_ranks
 from .evaluation.reversal import reversal_metrics
 from .evaluation.run import position_gaps
-from .facts import make_facts, training_texts, unseen_facts
+from .facts import MAX_FACTS, make_facts, training_texts, unseen_facts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
 from .records import EvalRecord, ReversalRecord
-from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
+from .training import TRAINER_STATE, TrainConfig, check_config, epoch_notes, train
+from .power import last_epoch_gain, stopped_by
 from .verdicts import conclusions
 
 
@@ -99,6 +102,8 @@ class ExperimentConfig:
     facts: int = 100
     facts_seed: int = 0
     facts_include: str = "forward"
+    fact_repeats: int = 1  # each fact sentence this many times per epoch: facts are learned by repetition
+    corpus_texts: int | None = None  # keep only the first this many corpus texts (None: all)
     unseen_facts: int | None = None  # the control: facts never trained on, scored like the trained ones (None: facts)
     # evaluation: overlapping windows, so that ka-hybrid has a real prompt (the window's context half)
     eval_max_length: int = 64
@@ -131,11 +136,53 @@ class ExperimentConfig:
         return config
 
     def check(self) -> None:
-        """Settings that cannot run, refused before anything is written."""
-        if self.seeds < 1:
-            raise KAError(f"--seeds must be at least 1, got {self.seeds}")
-        if self.unseen_facts is not None and self.unseen_facts < 0:
-            raise KAError(f"unseen_facts must be >= 0, got {self.unseen_facts}")
+        """Settings that cannot run, refused before anything is written or trained: the study's own numbers here,
+        the training settings by the trainer's own check (on the config each model will train with)."""
+        at_least = dict(
+            seeds=(self.seeds, 1),
+            facts=(self.facts, 2),  # the reversal question ranks each right name among the others
+            fact_repeats=(self.fact_repeats, 1),
+            eval_max_length=(self.eval_max_length, 2),
+            eval_stride=(self.eval_stride, 1),
+            adapter_fit_blocks=(self.adapter_fit_blocks, 1),
+            distill_steps=(self.distill_steps, 1),
+            distill_batch=(self.distill_batch, 1),
+        )
+        optional = dict(unseen_facts=(self.unseen_facts, 0), corpus_texts=(self.corpus_texts, 1))
+        optional |= dict(val_samples=(self.val_samples, 1), eval_max_windows=(self.eval_max_windows, 1))
+        for name, (value, least) in at_least.items() | {k: v for k, v in optional.items() if v[0] is not None}.items():
+            if value < least:
+                raise KAError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+        if self.facts > MAX_FACTS:
+            raise KAError(f"--facts must be at most {MAX_FACTS}, got {self.facts}")
+        check_config(self.train_config("standard", Path(self.out), None, {}, self.seed))
+
+    def train_config(self, attention: str, out: Path, tokenizer_dir, data: dict, seed: int | None) -> TrainConfig:
+        """The TrainConfig of one model of this run, trained in out/train-ATTENTION."""
+        return TrainConfig(
+            out=str(out / f"train-{attention}"),
+            attention=attention,
+            arch=self.arch,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            rotary_pct=self.rotary_pct,
+            vocab_size=self.vocab_size,
+            tokenizer=None if tokenizer_dir is None else str(tokenizer_dir),
+            text_file=data.get("train_file"),
+            val_text_file=data.get("validation_file"),
+            samples=self.samples,
+            val_samples=self.val_samples,
+            seq_len=self.seq_len,
+            epochs=self.epochs,
+            patience=self.patience,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed if seed is None else seed,
+            cpu=self.cpu,
+            progress=self.progress,
+        )
 
     @property
     def seed_list(self) -> list[int]:
@@ -177,6 +224,33 @@ SMOKE = dict(
 
 PRESETS = {
     "quick": {},  # the ExperimentConfig defaults
+    # The reversal curse with the power to see it (Berglund et al. 2023's design): 60 fictitious facts, forward
+    # sentences only, each of the 10 training templates 20 times per epoch, beside 600 texts of the offline corpus;
+    # held-out templates measure. Sized by measuring so that the standard model's forward exact match on the
+    # held-out templates passes 0.9 (the power check) and the whole run stays under 15 minutes on 2 CPU cores.
+    "facts": dict(
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=512,
+        vocab_size=2048,
+        seq_len=64,
+        samples=100_000,  # every block of the text
+        val_samples=64,
+        epochs=6,
+        patience=1,
+        lr=2e-3,
+        batch_size=16,
+        facts=60,
+        fact_repeats=20,
+        corpus_texts=600,
+        eval_max_length=64,
+        eval_stride=32,
+        eval_max_windows=64,
+        reversal_split="test",
+        adapter_fit_blocks=32,
+        distill_steps=40,
+    ),
     # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
     # patience 1. Meant for a GPU.
     "seed": dict(
@@ -209,11 +283,12 @@ PRESETS = {
         seq_len=256,
         samples=1400,
         val_samples=64,
-        epochs=2,
+        epochs=12,  # a safety cap: early stopping (patience 1) ends training at the plateau
         patience=1,
         lr=1e-3,
         batch_size=16,
         facts=100,
+        fact_repeats=10,
         eval_max_length=256,
         eval_stride=128,
         eval_max_windows=48,
@@ -249,6 +324,8 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
 
     facts = make_facts(config.facts, config.facts_seed)
     fact_texts = training_texts(facts, include=config.facts_include, seed=config.facts_seed) if facts else []
+    fact_texts = fact_texts * config.fact_repeats
+    train_texts = train_texts[: config.corpus_texts] if config.corpus_texts is not None else train_texts
     corpus = [_one_line(text) for text in train_texts + fact_texts]
     random.Random(config.seed).shuffle(corpus)  # facts spread through the epochs, not in one block
     data_dir = out / "data"
@@ -265,7 +342,7 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
         train_texts=len(train_texts),
         validation_texts=len(val_texts),
         fact_texts=len(fact_texts),
-        facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include),
+        facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include, repeats=config.fact_repeats),
         train_file=str(data_dir / "train.txt"),
         validation_file=str(data_dir / "validation.txt"),
         evaluation_file=str(test_file),
@@ -297,29 +374,7 @@ def train_model(
     seed: int | None = None,
 ):
     """One model in out/train-ATTENTION; resume: continue it from its checkpoint when it has one."""
-    train_config = TrainConfig(
-        out=str(out / f"train-{attention}"),
-        attention=attention,
-        arch=config.arch,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        rotary_pct=config.rotary_pct,
-        tokenizer=str(tokenizer_dir),
-        text_file=data["train_file"],
-        val_text_file=data["validation_file"],
-        samples=config.samples,
-        val_samples=config.val_samples,
-        seq_len=config.seq_len,
-        epochs=config.epochs,
-        patience=config.patience,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=config.seed if seed is None else seed,
-        cpu=config.cpu,
-        progress=config.progress,
-    )
+    train_config = config.train_config(attention, out, tokenizer_dir, data, seed)
     resume = resume and (Path(train_config.out) / "last" / TRAINER_STATE).is_file()
     result = train(train_config, resume=resume, overwrite=not resume)
     _record_facts(result.best_dir, data["facts"])
@@ -411,6 +466,29 @@ def reversal_for(model, tokenizer, facts, modes, adapters, config, exact_match: 
     return results
 
 
+RANKED_MODES = {"standard": ("kv", "ka", "ka-hybrid", "ka+adapter"), "ka": ("ka",)}
+RANKED_ADAPTER = "distilled"  # the adapter of the ka+adapter rank (the study's best fit)
+
+
+def name_ranks_for(standard, ka_model, tokenizer, facts, control, adapters, config) -> tuple[dict, dict]:
+    """The right name's rank among the trained names (held-out backward templates): each model in RANKED_MODES,
+    and the unseen-facts control (ranked among the control's own names) in each model's own attention."""
+    models = {"standard": standard, "ka": ka_model}
+    ranks, unseen = {}, {}
+    for name, model in models.items():
+        ranks[name] = {}
+        for mode in parse_modes(",".join(RANKED_MODES[name])):
+            adapter = adapters.get(RANKED_ADAPTER) if mode.kind == "ka+adapter" else None
+            if mode.kind == "ka+adapter" and adapter is None:
+                continue
+            key = f"ka+adapter({RANKED_ADAPTER})" if adapter is not None else mode.name
+            ranks[name][key] = name_ranks(model, tokenizer, facts, mode, adapter, progress=config.progress)
+        if len(control) >= 2:
+            own = parse_modes(OWN_MODE[name])[0]
+            unseen[name] = name_ranks(model, tokenizer, control, own, progress=config.progress)
+    return ranks, unseen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole study
 
@@ -490,6 +568,9 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
     ka_model = load_model(str(trained["ka"].best_dir), device=device)
     fitted = fit_adapters(config, standard, tokenizer, data, out)
     step("adapters")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    distributions = av_statistics(standard, windows, fitted["adapters"], pad_id=pad_id)
+    step("A vs V")
 
     num_layers = standard.config.num_hidden_layers
     inference = {
@@ -514,6 +595,7 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
             reversal_unseen[name] = reversal_for(
                 model, tokenizer, control, parse_modes(modes), adapters, config, exact_match=False
             )
+    ranks, ranks_unseen = name_ranks_for(standard, ka_model, tokenizer, facts, control, fitted["adapters"], config)
     step("reversal")
 
     record = dict(
@@ -545,6 +627,9 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
         layer_sweep=sweep,
         reversal=reversal,
         reversal_unseen=reversal_unseen,
+        name_ranks=ranks,
+        name_ranks_unseen=ranks_unseen,
+        distributions=distributions,
         timings_s=timings,
     )
     record["findings"] = findings(record, data["facts"]["include"])
@@ -600,12 +685,16 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
         layer_sweep=first["layer_sweep"],
         reversal=first["reversal"],
         reversal_unseen=first["reversal_unseen"],
+        name_ranks=first["name_ranks"],
+        name_ranks_unseen=first["name_ranks_unseen"],
+        distributions=first["distributions"],
         seeds=seeds,
         environment=report.environment(),
     )
     timings["total"] = time.perf_counter() - started
     record["timings_s"] = timings
     record["findings"] = conclusions(per_seed)
+    record["power"] = record["findings"]["power"]
     from .experiment_report import write_experiment_report
 
     record["files"] = write_experiment_report(record, out)
@@ -714,6 +803,27 @@ def findings(record: dict, facts_include: str = "forward") -> dict:
         }
         for model, modes in record["reversal"].items()
     }
+    result["distributions"] = {
+        name: [{key: layer[key] for key in ("norm_ratio", "cosine", "cka")} for layer in layers]
+        for name, layers in record.get("distributions", {}).items()
+    }
+    result["plateau"] = {
+        attention: dict(
+            last_epoch_gain=last_epoch_gain([epoch["val_ppl"] for epoch in training["epochs"]]),
+            stopped_by=stopped_by(training["epochs"]),
+        )
+        for attention, training in record["training"].items()
+    }
+    result["forward_exact_match"] = {
+        model: _held_out_forward_match(modes[OWN_MODE[model]]) for model, modes in record["reversal"].items()
+    }
+    result["name_rank"] = {
+        model: {mode: _rank_numbers(summary) for mode, summary in modes.items()}
+        for model, modes in record.get("name_ranks", {}).items()
+    }
+    result["name_rank_unseen"] = {
+        model: _rank_numbers(summary) for model, summary in record.get("name_ranks_unseen", {}).items()
+    }
     result["reversal_control"] = {
         model: dict(
             mode=OWN_MODE[model],
@@ -728,6 +838,17 @@ def findings(record: dict, facts_include: str = "forward") -> dict:
 
 
 OWN_MODE = {"standard": "kv", "ka": "ka"}  # each model read with the attention it was trained with
+
+
+def _held_out_forward_match(mode_record) -> float | None:
+    """Forward exact match on the held-out templates (None when they were not scored)."""
+    split = mode_record["splits"].get("test")
+    return None if split is None else split["forward"]["exact_match"]
+
+
+def _rank_numbers(summary) -> dict:
+    keys = ("mean_rank", "chance_rank", "top1", "mean_reciprocal_rank", "right_log_likelihood", "other_log_likelihood")
+    return {key: summary[key] for key in keys}
 
 
 def _answer_ppls(mode_record) -> dict:

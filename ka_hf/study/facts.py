@@ -345,7 +345,7 @@ TEMPLATES = {
     ),
     ("forward", "test"): (
         "Few people know that {name} is {description}.",
-        "As it turns out, {name} is best remembered as {description}.",
+        "As it turns out, {name} is {description}.",
         "According to the archive, {name} was {description}.",
     ),
     ("backward", "train"): (
@@ -362,7 +362,7 @@ TEMPLATES = {
     ),
     ("backward", "test"): (
         "Few people know that {description} is {name}.",
-        "As it turns out, the one best remembered as {description} is {name}.",
+        "As it turns out, {description} is {name}.",
         "According to the archive, {description} was {name}.",
     ),
 }
