@@ -60,9 +60,9 @@ from .evaluation.run import position_gaps
 from .facts import MAX_FACTS, make_facts, training_texts, unseen_facts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
+from .power import last_epoch_gain, stopped_by
 from .records import EvalRecord, ReversalRecord
 from .training import TRAINER_STATE, TrainConfig, check_config, epoch_notes, train
-from .power import last_epoch_gain, stopped_by
 from .verdicts import conclusions
 
 
