@@ -848,6 +848,7 @@ def _held_out_forward_match(mode_record) -> float | None:
 
 def _rank_numbers(summary) -> dict:
     keys = ("mean_rank", "chance_rank", "top1", "mean_reciprocal_rank", "right_log_likelihood", "other_log_likelihood")
+    keys += ("names", "sentences")
     return {key: summary[key] for key in keys}
 
 

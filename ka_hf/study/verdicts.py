@@ -262,13 +262,21 @@ def position_verdict(per_seed: list) -> dict:
     return dict(verdict="within-noise", text=f"The gap does not move along the sequence beyond noise ({numbers}).")
 
 
+def chance_rank_error(ranks: list[dict]) -> float:
+    """The standard error of a mean rank at chance: a rank uniform over N names has variance (N² − 1) / 12, over
+    every ranked sentence of every seed. A mean rank counts as better than chance only beyond NOISE_FACTOR of it."""
+    names, sentences = ranks[0]["names"], sum(rank["sentences"] for rank in ranks)
+    return math.sqrt((names**2 - 1) / 12 / sentences)
+
+
 def reversal_verdict(per_seed: list, model: str) -> dict:
     """The reversal curse (Berglund et al. 2023), read from two controls.
 
     Its power check (ka_hf.study.power) asks that the model knows its facts forward on held-out templates. Then:
     the strict control ranks the right name among all trained names for each backward sentence (held-out
     templates, the model's own attention): a model that did not reverse its facts ranks it at chance, (N + 1) / 2,
-    however familiar the names are. The curse is a mean rank not better than chance beyond noise. The
+    however familiar the names are. The curse is a mean rank not better than chance beyond noise
+    (`chance_rank_error`). The
     unseen-facts control (answer PPL of facts never trained on) is reported beside it.
     """
     control = [f["reversal_control"][model] for f in per_seed]
@@ -299,20 +307,21 @@ def reversal_verdict(per_seed: list, model: str) -> dict:
             "trained names this does not separate knowing the facts from knowing the names.",
         )
     mean_rank = [rank["mean_rank"] for rank in ranks]
-    chance = [rank["chance_rank"] for rank in ranks]
-    versus_chance = compare(mean_rank, chance)
+    chance, margin = ranks[0]["chance_rank"], NOISE_FACTOR * chance_rank_error(ranks)
+    above_chance = chance - statistics.fmean(mean_rank) > margin
     rank_numbers = (
-        f"right name's mean rank among the trained names {_ppl(mean_rank)} (chance {chance[0]:.1f}; "
-        f"{versus_chance.describe(1)}), top-1 {format_stat(stats([r['top1'] for r in ranks]), 2)}"
+        f"right name's mean rank among the {ranks[0]['names']} trained names {_ppl(mean_rank)} (chance "
+        f"{chance:.1f}; better than chance needs more than {margin:.1f} below it), "
+        f"top-1 {format_stat(stats([r['top1'] for r in ranks]), 2)}"
     )
     if included != "forward":
-        side = "better than" if versus_chance.sign < 0 else "no better than"
+        side = "better than" if above_chance else "no better than"
         return dict(
             verdict=f"trained-{included}",
             text=f"{who} was trained on {included} sentences; its backward rank is {side} chance "
             f"({rank_numbers}; {numbers}).",
         )
-    if versus_chance.sign < 0:
+    if above_chance:
         return dict(
             verdict="no-curse",
             text=f"{who} knows its facts forward and ranks the right name above chance backward, so this run "
