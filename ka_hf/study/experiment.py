@@ -518,16 +518,25 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
                 "flags, or pass --overwrite to start again"
             )
         return out
-    if saved.is_file() and not overwrite:
+    failed_start = saved.is_file() and not holds_a_run(out)  # nothing trained yet: nothing to lose by starting again
+    if saved.is_file() and not overwrite and not failed_start:
         raise KAError(
             f"{out} already holds a study run: continue it with --resume (same flags), start it again with "
             "--overwrite, or choose another --out"
         )
-    files.check_out_dir(out, overwrite)
+    files.check_out_dir(out, overwrite or failed_start)
     for name in ("report.md", "results.json"):  # no report left pointing at models that are being replaced
         (out / name).unlink(missing_ok=True)
     files.write_json(saved, _jsonable_config(config))
     return out
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether DIR holds a study run's results (a trained model, a seed's folder, results.json), not only what a
+    start that failed early left (its settings, data, tokenizer)."""
+    out = Path(out)
+    kept = ("results.json", SEED_RESULTS, "train-standard", "train-ka")
+    return any((out / name).exists() for name in kept) or any(out.glob("seed-*"))
 
 
 def _jsonable_config(config: ExperimentConfig) -> dict:
@@ -708,6 +717,7 @@ def command_line(config: ExperimentConfig) -> str:
     """The command that reproduces this run: the preset and every setting that differs from it."""
     preset = ExperimentConfig.from_preset(config.preset, config.out, smoke=config.smoke)
     flags = {"seeds": "--seeds", "seed": "--seed", "epochs": "--epochs", "samples": "--samples", "facts": "--facts"}
+    flags |= {"fact_repeats": "--fact-repeats"}
     flags |= {"text_file": "--text-file", "val_text_file": "--val-text-file", "facts_include": "--facts-include"}
     flags |= {"test_text_file": "--test-text-file", "dataset": "--dataset", "dataset_config": "--dataset-config"}
     parts = ["python -m ka_hf.experiment", f"--preset {config.preset}", f"--out {config.out}"]
@@ -877,6 +887,8 @@ def main(argv=None):
         add_output_arguments,
         add_runtime_arguments,
         apply_runtime_flags,
+        check_data_flags,
+        on_interrupt,
         user_errors_exit_2,
     )
 
@@ -888,6 +900,7 @@ def main(argv=None):
     add_data_arguments(parser, val_text_file=True, default="the offline corpus; --val-text-file: the last tenth")
     parser.add_argument("--facts", type=int, help="number of reversal-curse facts mixed into training")
     parser.add_argument("--facts-include", choices=["forward", "backward", "both"])
+    parser.add_argument("--fact-repeats", type=int, help="each fact sentence this many times per epoch")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--samples", type=int, help="training blocks")
     parser.add_argument("--seed", type=int, help="the first seed (default: the preset's, 0)")
@@ -925,6 +938,7 @@ def main(argv=None):
             text_column=args.text_column,
             facts=args.facts,
             facts_include=args.facts_include,
+            fact_repeats=args.fact_repeats,
             epochs=args.epochs,
             samples=args.samples,
             seed=args.seed,
@@ -934,7 +948,14 @@ def main(argv=None):
             cpu=None if args.device == "auto" else accelerate_cpu(args.device),  # None: the preset's
             progress=args.progress,
         )
-        record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
+        check_data_flags(args)
+
+        def where():
+            again = command_line(config) + ("" if "--resume" in command_line(config) else " --resume")
+            return f"the run so far is in {config.out} (finished steps are kept); continue it with: {again}"
+
+        with on_interrupt(where):
+            record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
         print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")
 
     run()
