@@ -126,7 +126,7 @@ class ExperimentConfig:
         if preset not in PRESETS:
             raise KAError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         values = dict(PRESETS[preset])
-        if preset in PRESET_DATA:
+        if preset in PRESET_DATA and not (overrides.get("text_file") or overrides.get("dataset")):
             values = PRESET_DATA[preset]() | values
         if smoke:
             values |= SMOKE
@@ -206,7 +206,29 @@ def _wikitext2() -> dict:
     return dict(dataset="Salesforce/wikitext", dataset_config="wikitext-2-raw-v1")
 
 
-PRESET_DATA = {"medium": _wikitext2}  # where a preset's text comes from, resolved when the preset is chosen
+def _tiny_shakespeare() -> dict:
+    """Tiny Shakespeare (char-rnn's input.txt) from ../shared/data beside the repository; its last tenth
+    validates, as in nanoGPT's shakespeare_char."""
+    local = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not local.is_file():
+        raise KAError(
+            f"the shakespeare-char preset reads {local}, which is not here: give --text-file with char-rnn's "
+            "tinyshakespeare input.txt"
+        )
+    return dict(text_file=str(local))
+
+
+# where a preset's text comes from, resolved when the preset is chosen
+PRESET_DATA = {"medium": _wikitext2, "shakespeare-char": _tiny_shakespeare}
+
+# A recognized figure each such preset's standard model can be held to: (validation loss in nats per token, what)
+ANCHORS = {
+    "shakespeare-char": (
+        1.88,
+        "nanoGPT's baby character-level Shakespeare model on a CPU (4 layers, 4 heads, width 128, 64-character "
+        "blocks, 2,000 steps of batch 12; its README)",
+    )
+}
 
 # Every stage, a handful of steps: samples and windows cut, one epoch, a few facts, a few adapter steps.
 SMOKE = dict(
@@ -250,6 +272,29 @@ PRESETS = {
         reversal_split="test",
         adapter_fit_blocks=32,
         distill_steps=40,
+    ),
+    # An anchor: nanoGPT's CPU character-level Shakespeare model (GPT-2 style, 4 x 128, 64-character blocks,
+    # batch 12, lr 1e-3) reaches a validation loss of about 1.88. Byte-level BPE with no merges (vocabulary 257:
+    # the 256 bytes and eos) is a character tokenizer for this ASCII text; each line break becomes an eos.
+    "shakespeare-char": dict(
+        arch="gpt2",
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=512,
+        vocab_size=257,
+        seq_len=64,
+        samples=100_000,  # every block: about 15,600 per epoch
+        val_samples=256,
+        epochs=4,
+        patience=1,
+        lr=1e-3,
+        batch_size=12,
+        facts=20,
+        eval_max_length=64,
+        eval_stride=32,
+        eval_max_windows=64,
+        reversal_split="test",
     ),
     # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
     # patience 1. Meant for a GPU.

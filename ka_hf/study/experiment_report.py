@@ -8,13 +8,14 @@ the reversal curse with its unseen-facts control. With several seeds every numbe
 that interpret numbers are ka_hf.study.verdicts' (record["findings"]["verdicts"]): each states what it compares.
 """
 
+import math
 from pathlib import Path
 
 from . import report
 from .evaluation.reversal import TABLE_COLUMNS as REVERSAL_COLUMNS
 from .evaluation.reversal import table_rows as reversal_rows
 from .evaluation.run import table_rows
-from .experiment import OWN_MODE
+from .experiment import ANCHORS, OWN_MODE, PRESET_DATA
 from .records import StudyRecord
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
 from .verdicts import format_stat, stats
@@ -291,6 +292,22 @@ def _power_section(record) -> str:
     )
 
 
+def _anchor(record) -> str:
+    """The standard model's validation loss beside a recognized figure for the same task, when the preset has one."""
+    anchor = ANCHORS.get(record["config"]["preset"])
+    if anchor is None or record["config"].get("text_file") != PRESET_DATA[record["config"]["preset"]]().get(
+        "text_file"
+    ):
+        return ""
+    loss, what = anchor
+    losses = [math.log(seed["training"]["standard"]["best_val_ppl"]) for seed in record["seeds"]]
+    return (
+        f"\n\n**Anchor:** the standard model's best validation loss is {format_stat(stats(losses), 3)} nats per token "
+        f"(PPL {format_stat(stats([math.exp(x) for x in losses]), 2)}); {what} reaches about {loss} "
+        f"(PPL {math.exp(loss):.2f})."
+    )
+
+
 def _stopped_by(record, attention: str) -> str:
     per_seed = record["findings"]["per_seed"]
     if "plateau" not in per_seed[0]:
@@ -457,7 +474,7 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         "```\nstandard: a_i = sum_{j<=i} w_ij v_j\nKA:       a_i = sum_{j<i} w_ij a_j + w_ii v_i\n```",
         "## Configuration\n\n" + _configuration(record),
         "## Power\n\n" + _power_section(record),
-        _training_section(record, "standard", "standard attention"),
+        _training_section(record, "standard", "standard attention") + _anchor(record),
         _training_section(record, "ka", "exact KA attention")
         + f"\n\n{record['findings']['verdicts']['train_time']['text']}",
         "![training curves](training_curves.png)",
