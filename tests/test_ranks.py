@@ -72,6 +72,9 @@ def test_rank_summary_by_hand():
     assert summary["mean_rank"] == 1.5 and summary["top1"] == 0.5 and summary["chance_rank"] == 2.0
     assert summary["mean_reciprocal_rank"] == pytest.approx(0.75)
     assert summary["right_log_likelihood"] == -1.5 and summary["other_log_likelihood"] == pytest.approx(-2.75)
+    # ties share their ranks: every name scored alike is chance, not a perfect rank
+    tied = rank_summary([dict(sentence=0, right=r) for r in (True, False, False, False)], [-2.0] * 4)
+    assert tied["mean_rank"] == tied["chance_rank"] == 2.5 and tied["top1"] == 0.0
     with pytest.raises(KAError, match="exactly one right name"):
         rank_summary([dict(sentence=0, right=False)] * 2, [0.0, 0.0])
 

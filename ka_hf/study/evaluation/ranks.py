@@ -6,7 +6,8 @@ for each backward sentence "B is A" (held-out templates), score the prompt "... 
 name, and rank the right one.
 
     log-likelihood of a name = summed log-probability of the tokens overlapping it (`facts.answer_span_labels`)
-    rank = 1 + the number of other names with a higher log-likelihood (1 = the right name is the likeliest)
+    rank = 1 + the number of other names with a higher log-likelihood, + half of those with an equal one
+           (1 = the right name is the likeliest; ties share their ranks, so a constant model ranks at chance)
 
 A model that knows nothing backward but knows the names ranks the right one at chance, (N + 1) / 2 on average; a
 model that reversed its facts ranks it near 1. Each candidate sentence is one window, fed through a fresh cache
@@ -63,9 +64,11 @@ def rank_summary(windows, log_likelihoods) -> dict:
         right = [ll for ll, is_right in candidates if is_right]
         if len(right) != 1:
             raise KAError("each backward sentence needs exactly one right name among the candidates")
-        ranks.append(1 + sum(ll > right[0] for ll, is_right in candidates if not is_right))
+        others = [ll for ll, is_right in candidates if not is_right]
+        # ties share their ranks (midrank): a model that scores every name alike ranks the right one at chance
+        ranks.append(1 + sum(ll > right[0] for ll in others) + sum(ll == right[0] for ll in others) / 2)
         right_ll.append(right[0])
-        other_ll.append(statistics.fmean(ll for ll, is_right in candidates if not is_right))
+        other_ll.append(statistics.fmean(others))
     n_names = len(next(iter(by_sentence.values())))
     return dict(
         sentences=len(ranks),
