@@ -546,8 +546,14 @@ def rewrite_report(out: Path) -> dict:
     from .records import read
     from .verdicts import conclusions
 
+    from .experiment import findings
+
     record = read(Path(out) / "results.json", "study").to_dict()
-    record["findings"] = conclusions(record["findings"]["per_seed"])
+    include = record["data"]["facts"]["include"]
+    for seed in record["seeds"]:  # this version's findings (power checks included) from each seed's numbers
+        seed["findings"] = findings(seed, include)
+    record["findings"] = conclusions([seed["findings"] for seed in record["seeds"]])
+    record["power"] = record["findings"]["power"]
     files = write_experiment_report(record, out)
     record["files"] = {name: str(path) for name, path in files.items()}
     report.write_json(Path(out) / "results.json", StudyRecord.build(record))
