@@ -158,30 +158,17 @@ class ExperimentConfig:
         check_config(self.train_config("standard", Path(self.out), None, {}, self.seed))
 
     def train_config(self, attention: str, out: Path, tokenizer_dir, data: dict, seed: int | None) -> TrainConfig:
-        """The TrainConfig of one model of this run, trained in out/train-ATTENTION."""
+        """The TrainConfig of one model of this run, trained in out/train-ATTENTION: every setting the two configs
+        share (the model's shape, the data's size, the optimization) taken from this one by name."""
+        shared = {name: getattr(self, name) for name in SHARED_WITH_TRAINING}
         return TrainConfig(
+            **shared,
             out=str(out / f"train-{attention}"),
             attention=attention,
-            arch=self.arch,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            intermediate_size=self.intermediate_size,
-            rotary_pct=self.rotary_pct,
-            vocab_size=self.vocab_size,
             tokenizer=None if tokenizer_dir is None else str(tokenizer_dir),
             text_file=data.get("train_file"),
             val_text_file=data.get("validation_file"),
-            samples=self.samples,
-            val_samples=self.val_samples,
-            seq_len=self.seq_len,
-            epochs=self.epochs,
-            patience=self.patience,
-            lr=self.lr,
-            batch_size=self.batch_size,
             seed=self.seed if seed is None else seed,
-            cpu=self.cpu,
-            progress=self.progress,
         )
 
     @property
@@ -191,6 +178,16 @@ class ExperimentConfig:
     @property
     def n_unseen_facts(self) -> int:
         return self.facts if self.unseen_facts is None else self.unseen_facts
+
+
+# The settings an ExperimentConfig hands to each model's TrainConfig under the same name (the data files, the
+# tokenizer, the seed and where to write are the run's own, set per model).
+SHARED_WITH_TRAINING = tuple(
+    name
+    for name in (field.name for field in dataclasses.fields(TrainConfig))
+    if name in {field.name for field in dataclasses.fields(ExperimentConfig)}
+    and name not in ("out", "seed", "text_file", "val_text_file", "dataset", "dataset_config", "text_column")
+)
 
 
 def _wikitext2() -> dict:
