@@ -23,7 +23,7 @@ def test_facts_preset_runs_every_stage_in_smoke_mode(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
-    assert record["config"]["preset"] == "facts" and record["config"]["fact_repeats"] == 20
+    assert record["config"]["preset"] == "facts" and record["config"]["fact_repeats"] == 10
     questions = [check["question"] for check in record["power"]]
     assert "reversal curse (standard-trained model)" in questions and "reversal curse (ka-trained model)" in questions
     assert all(set(check) >= {"question", "check", "value", "threshold", "passed"} for check in record["power"])

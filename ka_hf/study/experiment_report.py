@@ -244,7 +244,12 @@ def _reversal_section(record) -> str:
     rank_section = _rank_section(record)
     if rank_section:
         parts.append(rank_section)
-    sentences = [verdicts[key]["text"] for key in verdicts if key.startswith("reversal_")]
+    sentences = [
+        (f"The {key.removeprefix('reversal_')}-trained model: " if verdicts[key]["verdict"] == "not-answered" else "")
+        + verdicts[key]["text"]
+        for key in verdicts
+        if key.startswith("reversal_")
+    ]
     if sentences:
         parts.append(" ".join(sentences))
     seed0 = record["seeds"][0]["seed"]
@@ -543,10 +548,9 @@ def write_experiment_report(record: dict, out: Path) -> dict:
 def rewrite_report(out: Path) -> dict:
     """Write DIR/report.md, its plots and results.json again from DIR/results.json, with this version's verdicts
     (recomputed from each seed's findings): a finished run's report after upgrading ka_hf, without re-running it."""
+    from .experiment import findings
     from .records import read
     from .verdicts import conclusions
-
-    from .experiment import findings
 
     record = read(Path(out) / "results.json", "study").to_dict()
     include = record["data"]["facts"]["include"]
