@@ -8,6 +8,7 @@ Each results.json is written from one of these dataclasses and starts with its `
     reversal      examples/reversal_curse.py                   hub; the study writes one per model too
     adapter_fit   examples/fit_adapter.py                      hub (adapter card)
     study         ka_hf.study.experiment                       the report
+    recall        ka_hf.study.recall (python -m ...recall)      the recall report
 
 Readers ask for a kind (`read(path, "eval")`) and never guess from a file's shape. A file without `kind` was
 written before records were typed (schema 0): reading it is a clear KAError that says to re-run the command that
@@ -180,8 +181,33 @@ class StudyRecord(Record):
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class RecallRecord(Record):
+    """The associative-recall study (ka_hf.study.recall): accuracy on query tokens per mode, over seeds."""
+
+    KIND: ClassVar[str] = "recall"
+    WRITER: ClassVar[str] = "python -m ka_hf.study.recall"
+
+    title: str
+    date: str
+    command: str
+    config: dict  # the RecallConfig
+    task: dict  # vocabulary, filler, distance distribution, shapes, test sequences
+    model: dict
+    modes: dict  # mode -> definition
+    accuracy: dict  # mode -> overall accuracy, mean over seeds ("ka-trained": the KA-trained model under ka)
+    summary: dict  # mode -> {accuracy, by_shape, by_distance, far, cache_bytes}: {mean, std, n, values}
+    power: list  # ka_hf.study.power: {question, check, value, threshold, passed}
+    verdicts: dict
+    seeds: list  # every seed's training, adapter and per-mode results
+    environment: dict
+    timings_s: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
 RECORDS: dict[str, type[Record]] = {
-    cls.KIND: cls for cls in (TrainRecord, EvalRecord, ReversalRecord, AdapterFitRecord, StudyRecord)
+    cls.KIND: cls for cls in (TrainRecord, EvalRecord, ReversalRecord, AdapterFitRecord, StudyRecord, RecallRecord)
 }
 
 

@@ -115,9 +115,10 @@ class RecallSet:
         return len(self.input_ids)
 
     def batches(self, batch_size: int):
+        """The set in consecutive pieces of up to batch_size sequences (RecallSets too)."""
         for start in range(0, len(self), batch_size):
-            end = start + batch_size
-            yield self.input_ids[start:end], self.targets[start:end], self.distance[start:end]
+            piece = slice(start, start + batch_size)
+            yield RecallSet(self.shape, self.input_ids[piece], self.targets[piece], self.distance[piece])
 
 
 def make_recall_set(task: RecallTask, shape: RecallShape, n: int, seed: int) -> RecallSet:
