@@ -229,6 +229,20 @@ BUGS = [
         PLUMBING_TESTS,
     ),
     Bug(
+        "recall-scores-key",
+        "recall queries scored on the key at the query position instead of its paired value",
+        "ka_hf/study/recall/scoring.py",
+        (("(logits.argmax(-1) == batch.targets) & scored", "(logits.argmax(-1) == batch.input_ids) & scored"),),
+        ("tests/test_recall.py",),
+    ),
+    Bug(
+        "recall-target-is-key",
+        "the recall generator's target at a query is the key itself, not the paired value",
+        "ka_hf/study/recall/data.py",
+        (("targets[rows, query_positions] = values", "targets[rows, query_positions] = keys"),),
+        ("tests/test_recall.py",),
+    ),
+    Bug(
         "study-trains-both-directions",
         "the study trains the facts in both directions while recording facts_include (forward)",
         "ka_hf/study/experiment.py",

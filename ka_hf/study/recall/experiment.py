@@ -7,7 +7,8 @@
 Per seed, in order (each step's work lives in its own module):
 
 1. training    a standard-attention model and a KA-trained model (ka_hf.enable_ka), the same protocol: curriculum
-               over the shapes, early stopping at a validation recall accuracy (ka_hf.study.recall.training)
+               over the shapes, early stopping at a validation recall accuracy (ka_hf.study.recall.training);
+               the KA model gets at most the steps the standard model took (match_steps; off in the gpu preset)
 2. adapter     plan 1 on the standard model: least squares A -> V, then distillation (ka_hf.study.fit_adapters)
 3. evaluation  accuracy on the query tokens of the same test sequences (ka_hf.study.recall.scoring): the standard
                model under kv, ka, ka-hybrid, ka+adapter, kv-window@W+S and ka-window@W+S (equal cache bytes);
@@ -66,16 +67,17 @@ class RecallConfig:
     intermediate_size: int = 256
     # training (both models)
     max_steps: int = 1200
+    match_steps: bool = True  # the KA model trains at most the steps the standard model of its seed took
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_tokens: int = 4096
-    eval_every: int = 100
+    eval_every: int = 50
     advance_at: float = 0.95
     target: float = 0.995
     val_sequences: int = 64
     # adapter (plan 1)
     adapter_batches: int = 6  # training batches the adapter is fit and distilled on (shapes taking turns)
-    distill_steps: int = 40
+    distill_steps: int = 20
     # bounded caches: kv-window@W+S and ka-window@W+S
     window: int = 32
     sink: int = 4
@@ -110,7 +112,7 @@ class RecallConfig:
 
     @property
     def training(self) -> RecallTraining:
-        names = [f.name for f in dataclasses.fields(RecallTraining)]
+        names = [f.name for f in dataclasses.fields(RecallTraining) if hasattr(self, f.name)]
         return RecallTraining(**{name: getattr(self, name) for name in names})
 
     @property
@@ -155,6 +157,7 @@ PRESETS = {
         val_sequences=256,
         adapter_batches=16,
         distill_steps=300,
+        match_steps=False,
         window=128,
         seeds=3,
     ),
@@ -187,13 +190,15 @@ def recall_sets(config: RecallConfig, seed_base: int, n: int) -> list[RecallSet]
     return [make_recall_set(config.task, shape, n, seed_base + i) for i, shape in enumerate(config.shape_list)]
 
 
-def train_model(config: RecallConfig, attention: str, seed: int, val_sets):
-    """A fresh model (initialized from `seed`) trained on recall; (model, training record)."""
+def train_model(config: RecallConfig, attention: str, seed: int, val_sets, max_steps: int | None = None):
+    """A fresh model (initialized from `seed`) trained on recall (for at most max_steps, default the config's);
+    (model, training record)."""
     shapes = config.shape_list
     model = config.model.build(config.vocab_size, max(s.seq_len for s in shapes), seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
     model.to(device)
-    record = train_recall(model, config.task, shapes, val_sets, config.training, seed, attention, config.progress)
+    settings = dataclasses.replace(config.training, max_steps=max_steps or config.max_steps)
+    record = train_recall(model, config.task, shapes, val_sets, settings, seed, attention, config.progress)
     return model, record | dict(parameters=sum(p.numel() for p in model.parameters()))
 
 
@@ -243,7 +248,8 @@ def run_seed(config: RecallConfig, seed: int, val_sets, test_sets, out: Path) ->
 
     standard, standard_training = train_model(config, "standard", seed, val_sets)
     step("training standard")
-    ka_model, ka_training = train_model(config, "ka", seed, val_sets)
+    budget = standard_training["steps"] if config.match_steps else None
+    ka_model, ka_training = train_model(config, "ka", seed, val_sets, budget)
     step("training ka")
     adapter, adapter_record = fit_adapter(config, standard, seed)
     step("adapter")

@@ -76,14 +76,19 @@ def failure_distance(per_seed: list, mode: str) -> dict:
 
 
 def _where(failure: dict) -> str:
+    """Where a mode fails, in words: "below kv ... from distance bin X; under half ... from Y"."""
+
     def at(key):
         if key is None:
             return "at no distance measured"
-        return "already at the shortest distances (" + key + ")" if key == failure["bins"][0] else f"from {key}"
+        return f"at every distance, from the shortest ({key})" if key == failure["bins"][0] else f"from distance {key}"
 
+    below_kv, below_half = at(failure["below_kv"]), at(failure["below_half"])
+    if failure["below_kv"] == failure["below_half"]:
+        return f"it is below kv beyond noise and answers under {FAIL_BELOW:.0%} of its queries {below_kv} (tokens)"
     return (
-        f"it is below kv beyond noise {at(failure['below_kv'])} and answers under {FAIL_BELOW:.0%} of its queries "
-        f"{at(failure['below_half'])} (key -> query distance, tokens)"
+        f"it is below kv beyond noise {below_kv} and answers under {FAIL_BELOW:.0%} of its queries {below_half} "
+        "(key -> query distance, tokens)"
     )
 
 
@@ -112,7 +117,8 @@ def ka_training_verdict(per_seed: list, training: list) -> dict:
     kv, ka, trained = (_values(per_seed, mode, "accuracy") for mode in (KV, KA, TRAINED))
     over_ka, against_kv = compare(trained, ka), compare(trained, kv)
     steps = ", ".join(
-        f"{t['steps']} steps{' (target reached)' if t['reached_target'] else ' (budget spent, target not reached)'}"
+        f"{t['steps']} of at most {t.get('max_steps', t['steps'])} steps "
+        + ("(target reached)" if t["reached_target"] else "(budget spent, target not reached)")
         for t in training
     )
     numbers = (
@@ -152,7 +158,7 @@ def window_verdict(per_seed: list, window: int, sink: int) -> dict:
         f"cache bytes per sequence at the longest shape: {bytes_ka:,.0f} (ka-window), {bytes_kv:,.0f} (kv-window): "
         f"{equal}; full caches {bytes_full:,.0f}. Accuracy ka-window {_acc(_values(per_seed, ka_window, 'accuracy'))} "
         f"vs kv-window {_acc(_values(per_seed, kv_window, 'accuracy'))} ({overall.describe(3)}); beyond the window "
-        f"(distance >= {window}; kv-window still sees the {sink} sink tokens) "
+        f"(distance >= {window}{f'; kv-window still sees the {sink} sink tokens' if sink else ''}) "
         f"{_acc(_values(per_seed, ka_window, 'far'))} vs {_acc(_values(per_seed, kv_window, 'far'))} "
         f"({far.describe(3)}); full kv {_acc(_values(per_seed, KV, 'accuracy'))}, full ka "
         f"{_acc(_values(per_seed, KA, 'accuracy'))}"
