@@ -136,8 +136,9 @@ README_SKIPPED = (
     "accelerate launch ",  # several processes: test_evaluation's two-process test
     "torchrun ",
 )
-README_TINY = {  # (the study: every stage with a handful of steps, as --smoke runs it)
+README_TINY = {  # (the studies: every stage with a handful of steps, as --smoke runs it)
     "ka_hf.experiment": ["--smoke", "--no-progress"],
+    "ka_hf.study.recall": ["--smoke", "--no-progress"],
     "ka_hf.lm_eval": ["--limit", "2"],
 }
 
@@ -177,6 +178,10 @@ def test_every_readme_command_runs_in_a_fresh_clone(tmp_path, monkeypatch, capsy
             module, argv = words[2], words[3:] + README_TINY.get(words[2], [])
             if module == "ka_hf.experiment":
                 experiment.main(argv)
+            elif module == "ka_hf.study.recall":
+                from ka_hf.study.recall.experiment import main as recall_main
+
+                recall_main(argv)
             elif module == "ka_hf.lm_eval":
                 pytest.importorskip("lm_eval")
                 from ka_hf.lm_eval.__main__ import main

@@ -313,3 +313,26 @@ def test_the_quick_preset_is_what_the_docs_say():
     assert config.shape_list == [RecallShape(64, 4), RecallShape(128, 8), RecallShape(256, 16)]
     assert [m.name for m in config.modes][-2:] == ["kv-window@32+4", "ka-window@32+4"]
     assert 64 <= config.hidden_size <= 128 and config.num_layers == 2
+
+
+def test_the_docstring_commands_reach_the_study(monkeypatch):
+    """Each `python -m ka_hf.study.recall` line of the module's docstring runs up to the study, with its settings."""
+    import shlex
+
+    from test_docstring_examples import docstring_commands
+
+    from ka_hf.study.recall import experiment
+
+    from conftest import REPO_ROOT
+
+    reached = []
+    written = dict(report="report.md", results="results.json")
+    monkeypatch.setattr(experiment, "run_recall", lambda config, overwrite: reached.append(config) or written)
+    monkeypatch.setattr(experiment.files, "check_out_dir", lambda *args, **kwargs: None)
+    commands = docstring_commands(REPO_ROOT / "ka_hf/study/recall/experiment.py")
+    assert len(commands) == 3 and all(c.startswith("python -m ka_hf.study.recall ") for c in commands)
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        experiment.main(argv)
+        assert reached[-1].out == argv[argv.index("--out") + 1]
+        assert reached[-1].preset == argv[argv.index("--preset") + 1] and reached[-1].smoke == ("--smoke" in argv)

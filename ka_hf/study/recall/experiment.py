@@ -73,10 +73,12 @@ class RecallConfig:
     batch_tokens: int = 4096
     eval_every: int = 50
     advance_at: float = 0.95
+    final_lr_factor: float = 0.3
     target: float = 0.995
     val_sequences: int = 64
     # adapter (plan 1)
     adapter_batches: int = 6  # training batches the adapter is fit and distilled on (shapes taking turns)
+    adapter_sequences: int = 8  # sequences per batch
     distill_steps: int = 20
     # bounded caches: kv-window@W+S and ka-window@W+S
     window: int = 32
@@ -127,7 +129,8 @@ class RecallConfig:
 
     def check(self) -> None:
         """Settings that cannot run, refused before anything is written."""
-        for name in ("seeds", "test_sequences", "adapter_batches", "distill_steps", "window", "num_layers"):
+        names = ("seeds", "test_sequences", "adapter_batches", "adapter_sequences", "distill_steps", "window")
+        for name in names + ("num_layers",):
             if getattr(self, name) < 1:
                 raise KAError(f"--{name.replace('_', '-')} {getattr(self, name)}: give at least 1")
         if self.sink < 0 or self.sink > self.window:
@@ -156,6 +159,7 @@ PRESETS = {
         eval_every=250,
         val_sequences=256,
         adapter_batches=16,
+        adapter_sequences=32,
         distill_steps=300,
         match_steps=False,
         window=128,
@@ -208,7 +212,7 @@ def fit_adapter(config: RecallConfig, model, seed: int):
     device = next(model.parameters()).device
     batches = [
         train_batch(config.task, shapes[i % len(shapes)], config.batch_tokens, seed, -1 - i, i % len(shapes))
-        .input_ids[:16]
+        .input_ids[: config.adapter_sequences]
         .to(device)
         for i in range(config.adapter_batches)
     ]

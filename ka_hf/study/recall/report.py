@@ -122,8 +122,9 @@ def configuration(record) -> str:
             "parameters), from scratch.",
             f"- Training (both models): AdamW lr {config['lr']:g}, ~{config['batch_tokens']:,} tokens a step, loss on "
             f"the queries only; curriculum over the shapes (the next joins at validation accuracy "
-            f"{config['advance_at']:g}); early stopping at {config['target']:g} over every shape; at most "
-            f"{config['max_steps']:,} steps.",
+            f"{config['advance_at']:g}; with the last one the learning rate drops to {config['final_lr_factor']:g}x); "
+            f"early stopping at {config['target']:g} over every shape; at most {config['max_steps']:,} steps"
+            + (", the KA model at most its standard twin's." if config.get("match_steps") else "."),
             f"- Seeds: {config['seeds']} ({', '.join(str(s['seed']) for s in record.seeds)}); numbers are mean ± "
             f"std over them; a difference is called when it exceeds {NOISE_FACTOR:g} std of the per-seed "
             "differences.",
