@@ -336,3 +336,24 @@ def test_the_docstring_commands_reach_the_study(monkeypatch):
         experiment.main(argv)
         assert reached[-1].out == argv[argv.index("--out") + 1]
         assert reached[-1].preset == argv[argv.index("--preset") + 1] and reached[-1].smoke == ("--smoke" in argv)
+
+
+def test_the_guess_level_is_one_over_the_pairs_pooled():
+    from ka_hf.study.recall.verdicts import guess_level
+
+    shapes = {"a": dict(queries=40, pairs=4), "b": dict(queries=160, pairs=16)}
+    assert guess_level({"results": {"kv": {"by_shape": shapes}}}) == pytest.approx((10 + 10) / 200)
+
+
+def test_ka_training_at_the_guess_level_learned_no_pairing(monkeypatch):
+    from ka_hf.study.recall import verdicts
+
+    seeds = [_seed(trained=0.1), _seed(trained=0.1, noise=0.01)]
+    per_seed = [seed["_findings"] for seed in seeds]
+    training = [seed["training"]["ka-trained"] for seed in seeds]
+    assert verdicts.ka_training_verdict(per_seed, training, guess=0.2)["verdict"] == "does-not"  # below the KA cache
+    seeds = [_seed(ka=(0.05, 0.05, 0.05), trained=0.2), _seed(ka=(0.05, 0.05, 0.05), trained=0.21)]
+    per_seed = [seed["_findings"] for seed in seeds]
+    verdict = verdicts.ka_training_verdict(per_seed, training, guess=0.25)
+    assert verdict["verdict"] == "guess-level" and "guessing one of the sequence's values: 0.250" in verdict["text"]
+    assert verdicts.ka_training_verdict(per_seed, training, guess=0.1)["verdict"] == "part"

@@ -295,7 +295,11 @@ def run_recall(config: RecallConfig, overwrite: bool = False) -> dict:
         command=command_line(config),
         config=dataclasses.asdict(config),
         task=config.task.to_dict()
-        | dict(shapes=[dataclasses.asdict(s) for s in config.shape_list], test_sequences=config.test_sequences),
+        | dict(
+            shapes=[dataclasses.asdict(s) for s in config.shape_list],
+            test_sequences=config.test_sequences,
+            guess_accuracy=findings["guess"],  # picking one of the sequence's P values: 1/P a query, pooled
+        ),
         model=dataclasses.asdict(config.model) | dict(parameters=_parameters(seeds[0])),
         modes={name: _definition(name, config) for name in mode_names},
         accuracy={name: findings["summary"][name]["accuracy"]["mean"] for name in mode_names},

@@ -46,7 +46,15 @@ def main_table(record) -> str:
         rows.append(
             f"| `{mode}` | {training} | {inference} | {_stat(summary[mode]['accuracy'])} | {by_shape} | {cache:,.0f} |"
         )
+    guess = record.task.get("guess_accuracy")
+    if guess is not None:
+        per_shape = " | ".join(f"{1 / _pairs(record, shape):.3f}" for shape in shapes)
+        rows.append(f"| guess | – | one of the sequence's values (1/P) | {guess:.3f} | {per_shape} | – |")
     return "\n".join([header, rule, *rows])
+
+
+def _pairs(record, shape: str) -> int:
+    return record.seeds[0]["results"]["kv"]["by_shape"][shape]["pairs"]
 
 
 def distance_table(record) -> str:
@@ -159,8 +167,9 @@ the key's paired value.
 
 {main_table(record)}
 
-Accuracy is pooled over every query of every shape (columns: per shape). Cache bytes: one sequence of the
-longest shape, measured with `ka_hf.cache_nbytes` after the whole sequence.
+Accuracy is pooled over every query of every shape (columns: per shape). "guess": the accuracy of picking one
+of the sequence's P values at random (knowing which tokens are values, not which key each belongs to). Cache
+bytes: one sequence of the longest shape, measured with `ka_hf.cache_nbytes` after the whole sequence.
 
 ### By key → query distance (tokens)
 

@@ -6,6 +6,10 @@ seed: by its sign, saying that no spread was measured). The power check is the s
 every verdict rests on the standard model recalling under its own KV cache; when it does not, each verdict says
 "not answered: <check> was <value>, needs <threshold>".
 
+The guess level is the accuracy of a model that knows which tokens are values but not which key each belongs to
+and picks one of the sequence's P values: 1/P a query, pooled like the modes' accuracy. A mode at or under it has
+learned nothing about the pairing.
+
 "Fails at a distance" has two readings, both given: the shortest distance bin where a mode is below kv beyond
 noise, and the shortest where it answers fewer than FAIL_BELOW of its queries.
 """
@@ -46,6 +50,17 @@ def _values(per_seed, mode, *path):
 
 def _acc(values) -> str:
     return format_stat(stats(values), 3)
+
+
+def guess_level(seed: dict) -> float | None:
+    """The pooled accuracy of guessing one of the sequence's values (1/P a query) on the seed's test queries."""
+    shapes = seed["results"][KV]["by_shape"].values()
+    queries = sum(shape["queries"] for shape in shapes)
+    return sum(shape["queries"] / shape["pairs"] for shape in shapes) / queries if queries else None
+
+
+def _guess(guess: float | None) -> str:
+    return "" if guess is None else f"; guessing one of the sequence's values: {guess:.3f}"
 
 
 def power_check(per_seed: list) -> PowerCheck:
@@ -92,7 +107,7 @@ def _where(failure: dict) -> str:
     )
 
 
-def plan3_verdict(per_seed: list) -> dict:
+def plan3_verdict(per_seed: list, guess: float | None = None) -> dict:
     """Does plan 3 (a standard-trained model read with a KA cache) keep recall, and from what distance not?"""
     kv, ka = _values(per_seed, KV, "accuracy"), _values(per_seed, KA, "accuracy")
     gap = compare(ka, kv)
@@ -100,6 +115,7 @@ def plan3_verdict(per_seed: list) -> dict:
         f"{mode} {_acc(_values(per_seed, mode, 'accuracy'))}" for mode in (HYBRID, ADAPTER) if mode in per_seed[0]
     )
     numbers = f"accuracy ka {_acc(ka)} vs kv {_acc(kv)}, {gap.describe(3)}" + (f"; {others}" if others else "")
+    numbers += _guess(guess)
     if gap.sign >= 0:
         return dict(
             verdict="keeps", text=f"Plan 3 keeps recall: the KA cache is not below KV beyond noise ({numbers})."
@@ -112,10 +128,12 @@ def plan3_verdict(per_seed: list) -> dict:
     )
 
 
-def ka_training_verdict(per_seed: list, training: list) -> dict:
-    """Does training with KA recover what the KA cache loses?"""
+def ka_training_verdict(per_seed: list, training: list, guess: float | None = None) -> dict:
+    """Does training with KA recover what the KA cache loses? (Above the KA cache but not above guessing among
+    the sequence's values is said so: it learned no pairing.)"""
     kv, ka, trained = (_values(per_seed, mode, "accuracy") for mode in (KV, KA, TRAINED))
     over_ka, against_kv = compare(trained, ka), compare(trained, kv)
+    over_guess = compare(trained, [guess] * len(trained)) if guess is not None else None
     steps = ", ".join(
         f"{t['steps']} of at most {t.get('max_steps', t['steps'])} steps "
         + ("(target reached)" if t["reached_target"] else "(budget spent, target not reached)")
@@ -123,7 +141,9 @@ def ka_training_verdict(per_seed: list, training: list) -> dict:
     )
     numbers = (
         f"KA-trained model under ka {_acc(trained)}; standard model under ka {_acc(ka)} ({over_ka.describe(3)}), "
-        f"under kv {_acc(kv)} ({against_kv.describe(3)}); KA training: {steps}"
+        f"under kv {_acc(kv)} ({against_kv.describe(3)}){_guess(guess)}"
+        + (f" ({over_guess.describe(3)})" if over_guess is not None else "")
+        + f"; KA training: {steps}"
     )
     if compare(ka, kv).sign >= 0:
         return dict(
@@ -133,12 +153,18 @@ def ka_training_verdict(per_seed: list, training: list) -> dict:
         return dict(verdict="does-not", text=f"KA training does not recover recall ({numbers}).")
     if against_kv.sign >= 0:
         return dict(verdict="recovers", text=f"KA training recovers recall: it matches KV ({numbers}).")
+    if over_guess is not None and over_guess.sign <= 0:
+        return dict(
+            verdict="guess-level",
+            text=f"The KA-trained model recalls more than the KA cache, but no more than guessing one of the "
+            f"sequence's values: it learned no pairing ({numbers}).",
+        )
     failure = failure_distance(per_seed, TRAINED)
     return dict(
         verdict="part",
         failure=failure,
-        text=f"KA training recovers part of the recall the KA cache loses; for the KA-trained model "
-        f"{_where(failure)} ({numbers}).",
+        text=f"KA training recovers part of the recall the KA cache loses (above guessing, far below KV); for the "
+        f"KA-trained model {_where(failure)} ({numbers}).",
     )
 
 
@@ -177,24 +203,27 @@ def window_verdict(per_seed: list, window: int, sink: int) -> dict:
     )
 
 
-def verdicts(per_seed: list, training: list, window: int, sink: int) -> dict:
+def verdicts(per_seed: list, training: list, window: int, sink: int, guess: float | None = None) -> dict:
     """Every verdict, each gated by the power check."""
     check = power_check(per_seed)
     result = dict(
-        plan3=plan3_verdict(per_seed),
-        ka_training=ka_training_verdict(per_seed, training),
+        plan3=plan3_verdict(per_seed, guess),
+        ka_training=ka_training_verdict(per_seed, training, guess),
         windows=window_verdict(per_seed, window, sink),
     )
     return {key: gate(verdict, [check]) for key, verdict in result.items()}
 
 
 def conclusions(seeds: list, window: int, sink: int) -> dict:
-    """{per_seed, summary (mode -> mean/std of every number), power (records), verdicts} of a run's seeds."""
+    """{per_seed, summary (mode -> mean/std of every number), guess (level), power (records), verdicts} of a run's
+    seeds (every seed scores the same test queries, so the guess level is seed 0's)."""
     per_seed = [seed_findings(seed) for seed in seeds]
     training = [seed["training"][TRAINED] for seed in seeds]
+    guess = guess_level(seeds[0]) if seeds[0].get("results") else None
     return dict(
         per_seed=per_seed,
         summary=summarize(per_seed),
+        guess=guess,
         power=[power_check(per_seed).to_dict()],
-        verdicts=verdicts(per_seed, training, window, sink),
+        verdicts=verdicts(per_seed, training, window, sink, guess),
     )
