@@ -194,20 +194,28 @@ bytes: one sequence of the longest shape, measured with `ka_hf.cache_nbytes` aft
 def draw_plot(record, path: Path) -> Path:
     summary = record.summary
     bins = list(summary["kv"]["by_distance"])
+    window = record.config["window"]
 
     def draw(ax):
-        for mode in record.modes:
+        for index, mode in enumerate(record.modes):
             means = [summary[mode]["by_distance"].get(key, {}).get("mean") for key in bins]
             stds = [summary[mode]["by_distance"].get(key, {}).get("std") or 0.0 for key in bins]
             x = [i for i, m in enumerate(means) if m is not None]
-            y = [means[i] for i in x]
-            ax.errorbar(x, y, yerr=[stds[i] for i in x], marker="o", capsize=3, label=mode)
+            style = "--" if "window" in mode else "-"  # (ka-window and ka can lie on top of each other)
+            ax.errorbar(
+                x, [means[i] for i in x], yerr=[stds[i] for i in x], marker="os^vDPX"[index % 7], linestyle=style,
+                capsize=3, label=mode,
+            )  # fmt: skip
+        edge = next((i for i, key in enumerate(bins) if int(key.split("-")[0]) >= window), None)
+        if edge is not None:
+            ax.axvline(edge - 0.5, color="grey", linestyle=":", linewidth=1)
+            ax.text(edge - 0.55, 0.35, f"window W = {window} →", fontsize=7, color="grey", ha="right", va="center")
         ax.set_xticks(range(len(bins)), bins)
         ax.set_xlabel("key → query distance (tokens)")
         ax.set_ylabel("recall accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"MQAR recall by distance (mean ± std over {record.config['seeds']} seeds)")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
     return files.save_plot(path, draw)
 
