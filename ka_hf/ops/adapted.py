@@ -1,0 +1,301 @@
+"""Exact KA with a plan-1 adapter f applied to outputs before later tokens attend over them (KA-SPEC §3.1).
+
+    a_i = sum_{j<i} w_ij f(a_j) + w_ii v_i,    f = the adapter of this layer and query head
+
+Rows are cut into blocks, as in the blocked kernel (ops/blocked.py): the past P of a block (cached tokens and
+earlier blocks) offers its *mapped* outputs F_P = f(A_P) as values, through the same fused attention
+(ops/past.py), so only the block's own recursion is left. Two kernels:
+
+- `ka_attention_adapted`: f(a) = a M + b (the affine adapter). Within a block of n rows, with L the strictly-lower
+  part of the block's own weights and D their diagonal,
+
+      A_b = C + L A_b M,    C = W_bP F_P + D V_b + (L 1) b^T
+
+  is linear in A_b and L is nilpotent (L^n = 0), so A_b = sum_{k<n} L^k C M^k exactly. It is summed by doubling:
+  X <- X + L^(2^j) X M^(2^j) for j = 0 .. ceil(log2 n) - 1. The backward is the same sum for the adjoint
+  Lambda = G + L^T Lambda M^T, with the past through the fused kernel's backward, recomputing tiles block by block
+  (only q, k, v, M, b, A, f(A) and the row normalizers are saved): O(T) memory like the blocked kernel. The
+  doubling costs n^3 log n per block, so the blocks are short (`adapted_block_size`).
+- `ka_attention_mapped`: any f (the residual-MLP adapter): the same blocks with the past fused (explicit weight
+  tiles where autograd needs them), and the block's own recursion token by token.
+
+Half inputs: per-block tiles, solves and M, b in float32, the buffers in the input dtype (as ops/blocked.py).
+"""
+
+import torch
+
+from .blocked import _block_bounds, _past_kernel_name, _sum_query_head_groups, _Tile, _without_autocast
+from .common import attention_weights, causal_allowed, compute_dtype, expand_kv_heads
+from .past import past_kernel
+
+# Rows per block of the affine kernel. The doubling costs ~n^3 log2(n) per block and head against the fused
+# past's n T d; 64 was the fastest of 32-256 for GPT-NeoX head size 64 at T = 512 and 4096 on a CPU
+# (benchmarks/bench_adapter.py).
+ADAPTED_BLOCK_SIZE = 64
+
+
+def adapted_block_size(block_size: int | None) -> int:
+    """The affine kernel's block: the caller's block size (None = one block), at most ADAPTED_BLOCK_SIZE."""
+    return ADAPTED_BLOCK_SIZE if block_size is None else min(block_size, ADAPTED_BLOCK_SIZE)
+
+
+def ka_attention_adapted(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    past_outputs: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    block_size: int | None = ADAPTED_BLOCK_SIZE,
+    fused: bool | str | None = None,
+) -> torch.Tensor:
+    """Exact KA outputs A (B, H_q, n, d_v) of n new tokens whose later tokens attend over f(A) = A @ M + b.
+
+    query (B, H_q, n, d); key (B, H_kv, p + n, d); value (B, H_kv, n, d_v); weight M (H_q, d_v, d_v) and bias b
+    (H_q, d_v), one map per query head; past_outputs (B, H_q, p, d_v): what the cached tokens offer as values,
+    already mapped (f(A_past)); allowed: boolean, broadcastable to (B, H_q, n, p + n), None = causal. fused: as in
+    `ka_attention_blocked`. Gradients flow to query, key, value, past_outputs, weight and bias.
+    """
+    dtype, acc = value.dtype, compute_dtype(value.dtype)
+    n_query_heads, value_dim = query.shape[1], value.shape[-1]
+    if weight.shape != (n_query_heads, value_dim, value_dim) or bias.shape != (n_query_heads, value_dim):
+        raise ValueError(
+            f"an affine map for {n_query_heads} heads of size {value_dim} needs weight "
+            f"{(n_query_heads, value_dim, value_dim)} and bias {(n_query_heads, value_dim)}, got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    n_new, n_past = query.shape[-2], key.shape[-2] - query.shape[-2]
+    if past_outputs is None or n_past == 0:
+        past_outputs = value.new_zeros(*query.shape[:2], 0, value_dim)
+    block = max(n_new, 1) if block_size is None else block_size
+    kernel = _past_kernel_name(fused, query.device, dtype, allowed is not None, softcap, key.shape[-1], value_dim)
+    return _AdaptedKA.apply(
+        query.to(dtype),
+        key.to(dtype),
+        value,
+        past_outputs.to(dtype),
+        weight.to(acc),
+        bias.to(acc),
+        allowed,
+        scale,
+        softcap,
+        block,
+        kernel,
+    )
+
+
+class _AdaptedKA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, past_outputs, weight, bias, allowed, scale, softcap, block, kernel):
+        with _without_autocast(query.device.type):
+            outputs, mapped, normalizers = _forward(
+                query, key, value, past_outputs, weight, bias, allowed, scale, softcap, block, kernel
+            )
+        ctx.save_for_backward(query, key, value, past_outputs, weight, outputs, mapped, normalizers)
+        ctx.allowed, ctx.scale, ctx.softcap, ctx.block, ctx.kernel = allowed, scale, softcap, block, kernel
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        with _without_autocast(grad_outputs.device.type):
+            grads = _backward(ctx, grad_outputs)
+        return (*grads, None, None, None, None, None)
+
+
+def _doubling_steps(n: int) -> int:
+    """ceil(log2 n): the doubling steps after which sum_{k < 2^steps} L^k ... covers every k < n (L^n = 0)."""
+    return max(n - 1, 0).bit_length()
+
+
+def _map_powers(weight: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """[M, M^2, M^4, ...]: `steps` powers M^(2^j), one square each."""
+    powers = [weight]
+    for _ in range(steps - 1):
+        powers.append(powers[-1] @ powers[-1])
+    return powers[:steps]
+
+
+def _neumann_sum(strict: torch.Tensor, rhs: torch.Tensor, map_powers: list[torch.Tensor]) -> torch.Tensor:
+    """X = sum_{k<n} L^k C M^k, the solution of X = C + L X M for a strictly lower-triangular (n x n) L, by doubling:
+    after step j, X holds the terms k < 2^(j+1). strict: L (B, H, n, n); rhs: C (B, H, n, d); map_powers: M^(2^j)
+    (H, d, d), at least ceil(log2 n) of them. For the adjoint pass L^T and the transposed powers (the sum is the
+    same with the triangle upper)."""
+    solution, power = rhs, strict
+    steps = _doubling_steps(strict.shape[-1])
+    for step in range(steps):
+        solution = solution + (power @ solution) @ map_powers[step]
+        if step + 1 < steps:
+            power = power @ power
+    return solution
+
+
+def _forward(query, key, value, past_outputs, weight, bias, allowed, scale, softcap, block, kernel):
+    """(outputs A and mapped outputs f(A), both in the input dtype; row normalizers L in the accumulation dtype)."""
+    acc = weight.dtype
+    n_past, n_new = past_outputs.shape[-2], query.shape[-2]
+    past = past_kernel(kernel, scale, softcap)
+    keys = expand_kv_heads(key, query.shape[1])
+    values = expand_kv_heads(value, query.shape[1])
+    map_powers = _map_powers(weight, _doubling_steps(min(block, n_new)))
+    row_bias = bias[:, None, :]  # (H, 1, d): broadcast over batch and rows
+    # The values the later blocks attend over: [cached mapped outputs; this call's mapped outputs].
+    attended = torch.cat([past_outputs, values.new_empty(values.shape)], dim=-2)
+    outputs = values.new_empty(values.shape)
+    normalizers = query.new_empty(query.shape[:-1], dtype=acc)
+    for start, stop in _block_bounds(n_new, block):
+        tile = _Tile(query, keys, allowed, scale, softcap, past, n_past, start, stop)
+        past_out, past_lse = tile.past_attention(attended)
+        own_weights, lse = tile.own_weights(past_lse)
+        strict = own_weights.tril(-1)
+        # C = W_bP F_P + D V_b + (L 1) b^T: the strictly-earlier rows of the block add their bias through L.
+        rhs = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * values[..., start:stop, :].to(acc)
+        rhs = rhs + strict.sum(-1, keepdim=True) * row_bias
+        if past_out is not None:
+            rhs = rhs + torch.exp(past_lse - lse).unsqueeze(-1) * past_out
+        block_outputs = _neumann_sum(strict, rhs, map_powers)
+        outputs[..., start:stop, :] = block_outputs
+        attended[..., n_past + start : n_past + stop, :] = block_outputs @ weight + row_bias
+        normalizers[..., start:stop] = lse
+    return outputs, attended[..., n_past:, :], normalizers
+
+
+def _backward(ctx, grad_outputs):
+    """Per block, last to first. With G the gradient on A_b and H the gradient on f(A_b) from later blocks (their
+    past attention), the multipliers Lambda = (G + H M^T) + L^T Lambda M^T (the adjoint sum); Phi = H + L^T Lambda
+    is the whole gradient on f(A_b), so dM += A_b^T Phi, db += 1^T Phi. The scores' gradient is the blocked kernel's
+    with the block's values X = f(A_b) off the diagonal and V_b on it: dS_cj = w_cj (Lambda_c . x_j - Lambda_c . a_c).
+    """
+    query, key, value, past_outputs, weight, outputs, mapped, normalizers = ctx.saved_tensors
+    allowed, scale, softcap, block = ctx.allowed, ctx.scale, ctx.softcap, ctx.block
+    dtype, acc = value.dtype, weight.dtype
+    n_query_heads, n_new, n_past = query.shape[1], query.shape[-2], past_outputs.shape[-2]
+    past = past_kernel(ctx.kernel, scale, softcap)
+    keys = expand_kv_heads(key, n_query_heads)
+    values = expand_kv_heads(value, n_query_heads)
+    attended = torch.cat([past_outputs, mapped], dim=-2)
+    weight_t = weight.transpose(-1, -2)
+    map_powers_t = [power.transpose(-1, -2) for power in _map_powers(weight, _doubling_steps(min(block, n_new)))]
+    grad_outputs = grad_outputs.to(acc)
+    grad_mapped = torch.zeros_like(attended, dtype=acc)  # H: dLoss/df(A) of every attended row, summed over blocks
+    grad_keys = torch.zeros_like(keys, dtype=acc)
+    grad_weight = torch.zeros_like(weight)
+    grad_bias = weight.new_zeros(weight.shape[:-1])
+    grad_query = torch.empty_like(query)
+    grad_values = torch.empty_like(values)
+
+    for start, stop in reversed(_block_bounds(n_new, block)):
+        rows = slice(n_past + start, n_past + stop)
+        tile = _Tile(query, keys, allowed, scale, softcap, past, n_past, start, stop)
+        lse = normalizers[..., start:stop]
+        own_scores = tile.own_scores()
+        own_weights = tile.own_weights_from(own_scores, lse)
+        strict_t = own_weights.tril(-1).transpose(-1, -2)
+        later = grad_mapped[..., rows, :]
+        multipliers = _neumann_sum(strict_t, grad_outputs[..., start:stop, :] + later @ weight_t, map_powers_t)
+        grad_mapped_block = later + strict_t @ multipliers  # Phi
+        block_outputs = outputs[..., start:stop, :]
+        own_outputs = block_outputs.to(acc)
+        grad_weight += torch.einsum("bhnd,bhne->hde", own_outputs, grad_mapped_block)
+        grad_bias += grad_mapped_block.sum(dim=(0, 2))
+
+        own_mapped, own_values = attended[..., rows, :].to(acc), values[..., start:stop, :].to(acc)
+        products = multipliers @ own_mapped.transpose(-1, -2)
+        own_products = (multipliers * own_values).sum(-1)
+        products = products - torch.diag_embed(products.diagonal(dim1=-2, dim2=-1) - own_products)
+        row_dots = (multipliers * own_outputs).sum(-1, keepdim=True)
+        grad_scores = tile.through_softcap(own_weights * (products - row_dots), own_scores)
+        block_grad_query = scale * grad_scores @ keys[..., rows, :].to(acc)
+        grad_keys[..., rows, :] += scale * grad_scores.transpose(-1, -2) @ query[..., start:stop, :].to(acc)
+        grad_values[..., start:stop, :] = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * multipliers
+        if n_past + start > 0:
+            d_query, d_keys, d_mapped = tile.past_attention_backward(multipliers, attended, block_outputs, lse)
+            block_grad_query = block_grad_query + d_query
+            grad_keys[..., : n_past + start, :] += d_keys
+            grad_mapped[..., : n_past + start, :] += d_mapped
+        grad_query[..., start:stop, :] = block_grad_query
+
+    grad_key = _sum_query_head_groups(grad_keys, key.shape[1]).to(dtype)
+    grad_value = _sum_query_head_groups(grad_values, value.shape[1])
+    grad_past = grad_mapped[..., :n_past, :].to(dtype) if ctx.needs_input_grad[3] else None
+    return grad_query, grad_key, grad_value, grad_past, grad_weight, grad_bias
+
+
+def ka_attention_mapped(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    value_map,
+    past_outputs: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    block_size: int | None = ADAPTED_BLOCK_SIZE,
+    fused: bool | str | None = None,
+) -> torch.Tensor:
+    """Exact KA outputs (B, H_q, n, d_v) whose later tokens attend over value_map(A), for any value_map (e.g. the
+    residual-MLP adapter): block by block, the past through the fused attention, the block's own recursion token by
+    token. Shapes as in `ka_attention_adapted`. With autograd on, the past is explicit (block x T) weight tiles that
+    autograd differentiates (O(T^2) memory over a call, as the "parallel" kernel); without it, the fused kernel.
+    """
+    dtype, acc = value.dtype, compute_dtype(value.dtype)
+    n_query_heads, n_new = query.shape[1], query.shape[-2]
+    n_past = key.shape[-2] - n_new
+    differentiable = torch.is_grad_enabled()
+    kernel = None
+    if not differentiable:
+        kernel = _past_kernel_name(fused, query.device, dtype, allowed is not None, softcap, key.shape[-1], value.shape[-1])
+    keys = expand_kv_heads(key.to(dtype), n_query_heads)
+    values = expand_kv_heads(value, n_query_heads)
+    attended = [past_outputs.to(dtype)] if past_outputs is not None and n_past > 0 else []
+    outputs = []
+    block = max(n_new, 1) if block_size is None else block_size
+    for start, stop in _block_bounds(n_new, block):
+        past_end = n_past + start
+        past_values = torch.cat(attended, dim=-2) if len(attended) > 1 else (attended[0] if attended else None)
+        if differentiable:
+            rhs, strict = _explicit_block(query, keys, values, past_values, allowed, scale, softcap, past_end, start, stop)
+        else:
+            tile = _Tile(query.to(dtype), keys, allowed, scale, softcap, past_kernel(kernel, scale, softcap), n_past, start, stop)
+            past_out, past_lse = tile.past_attention(past_values)
+            own_weights, lse = tile.own_weights(past_lse)
+            strict = own_weights.tril(-1)
+            rhs = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * values[..., start:stop, :].to(acc)
+            if past_out is not None:
+                rhs = rhs + torch.exp(past_lse - lse).unsqueeze(-1) * past_out
+        block_outputs, block_mapped = _recursion(rhs, strict, value_map)
+        outputs.append(block_outputs.to(dtype))
+        attended.append(block_mapped.to(dtype))
+    return torch.cat(outputs, dim=-2)
+
+
+def _explicit_block(query, keys, values, past_values, allowed, scale, softcap, past_end, start, stop):
+    """(C = W_bP F_P + D V_b, strict(W_bb)) of one block from explicit weights over its visible keys, which autograd
+    differentiates (a row with nothing allowed has weight 0 and a finite gradient)."""
+    acc = compute_dtype(values.dtype)
+    n_visible = past_end + stop - start
+    visible = causal_allowed(stop - start, n_visible, query.device)
+    if allowed is not None:
+        visible = visible & allowed[..., start:stop, :n_visible]
+    weights = attention_weights(
+        query[..., start:stop, :].to(acc), keys[..., :n_visible, :].to(acc), visible, scale, softcap
+    )
+    own_weights = weights[..., past_end:]
+    rhs = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * values[..., start:stop, :].to(acc)
+    if past_values is not None:
+        rhs = rhs + weights[..., :past_end] @ past_values.to(acc)
+    return rhs, own_weights.tril(-1)
+
+
+def _recursion(rhs, strict, value_map):
+    """a_i = C_i + sum_{j<i} L_ij f(a_j) over the block's rows, one at a time: (A_b, f(A_b))."""
+    outputs, mapped = [], []
+    for row in range(rhs.shape[-2]):
+        output = rhs[..., row : row + 1, :]
+        if row:
+            output = output + strict[..., row : row + 1, :row] @ torch.cat(mapped, dim=-2)
+        outputs.append(output)
+        mapped.append(value_map(output).to(output.dtype))
+    return torch.cat(outputs, dim=-2), torch.cat(mapped, dim=-2)
