@@ -246,7 +246,9 @@ def ka_attention_mapped(
     differentiable = torch.is_grad_enabled()
     kernel = None
     if not differentiable:
-        kernel = _past_kernel_name(fused, query.device, dtype, allowed is not None, softcap, key.shape[-1], value.shape[-1])
+        kernel = _past_kernel_name(
+            fused, query.device, dtype, allowed is not None, softcap, key.shape[-1], value.shape[-1]
+        )
     keys = expand_kv_heads(key.to(dtype), n_query_heads)
     values = expand_kv_heads(value, n_query_heads)
     attended = [past_outputs.to(dtype)] if past_outputs is not None and n_past > 0 else []
@@ -256,9 +258,13 @@ def ka_attention_mapped(
         past_end = n_past + start
         past_values = torch.cat(attended, dim=-2) if len(attended) > 1 else (attended[0] if attended else None)
         if differentiable:
-            rhs, strict = _explicit_block(query, keys, values, past_values, allowed, scale, softcap, past_end, start, stop)
+            rhs, strict = _explicit_block(
+                query, keys, values, past_values, allowed, scale, softcap, past_end, start, stop
+            )
         else:
-            tile = _Tile(query.to(dtype), keys, allowed, scale, softcap, past_kernel(kernel, scale, softcap), n_past, start, stop)
+            tile = _Tile(
+                query.to(dtype), keys, allowed, scale, softcap, past_kernel(kernel, scale, softcap), n_past, start, stop
+            )
             past_out, past_lse = tile.past_attention(past_values)
             own_weights, lse = tile.own_weights(past_lse)
             strict = own_weights.tril(-1)
