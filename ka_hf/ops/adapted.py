@@ -29,9 +29,9 @@ from .common import attention_weights, causal_allowed, compute_dtype, expand_kv_
 from .past import past_kernel
 
 # Rows per block of the affine kernel. The doubling costs ~n^3 log2(n) per block and head against the fused
-# past's n T d; 64 was the fastest of 32-256 for GPT-NeoX head size 64 at T = 512 and 4096 on a CPU
-# (benchmarks/bench_adapter.py).
-ADAPTED_BLOCK_SIZE = 64
+# past's n T d: 32 was the fastest of 16, 32 and 64 for 8 x 32 and 4 x 64 heads at T = 512 and 4096 on a CPU (one
+# layer's attention, one thread; 64 cost 1.2-1.3x more at T = 4096).
+ADAPTED_BLOCK_SIZE = 32
 
 
 def adapted_block_size(block_size: int | None) -> int:
