@@ -296,9 +296,20 @@ def _explicit_block(query, keys, values, past_values, allowed, scale, softcap, p
 
 
 def _recursion(rhs, strict, value_map):
-    """a_i = C_i + sum_{j<i} L_ij f(a_j) over the block's rows, one at a time: (A_b, f(A_b))."""
+    """a_i = C_i + sum_{j<i} L_ij f(a_j) over the block's rows, one at a time: (A_b, f(A_b)). Without autograd the
+    rows are written into buffers in place; with it they are concatenated (in-place writes would break autograd)."""
+    n_rows = rhs.shape[-2]
+    if not torch.is_grad_enabled():
+        outputs, mapped = torch.empty_like(rhs), torch.empty_like(rhs)
+        for row in range(n_rows):
+            output = rhs[..., row : row + 1, :]
+            if row:
+                output = output + strict[..., row : row + 1, :row] @ mapped[..., :row, :]
+            outputs[..., row : row + 1, :] = output
+            mapped[..., row : row + 1, :] = value_map(output)
+        return outputs, mapped
     outputs, mapped = [], []
-    for row in range(rhs.shape[-2]):
+    for row in range(n_rows):
         output = rhs[..., row : row + 1, :]
         if row:
             output = output + strict[..., row : row + 1, :row] @ torch.cat(mapped, dim=-2)
