@@ -28,7 +28,7 @@ from ka_hf.study.evaluation.reversal import (
     reversal_table,
     sentence_windows,
 )
-from ka_hf.study.facts import answer_span_labels, fact_sentences, make_facts, training_texts
+from ka_hf.study.facts import TEMPLATES, answer_span_labels, fact_sentences, make_facts, training_texts
 from ka_hf.study.models import model_config
 
 from conftest import REPO_ROOT, load_script
@@ -252,7 +252,7 @@ def test_script_end_to_end(model_dir, tmp_path):
     assert (facts["n"], facts["seed"], facts["trained_on"]) == (3, 7, "forward")
     assert facts["source"] == "config.ka_provenance['training']['facts']"
     assert list(record["results"]) == ["kv", "ka", "ka-hybrid"] and record["splits"] == ["test", "train"]
-    assert record["results"]["kv"]["splits"]["test"]["forward"]["sentences"] == 3 * 2
+    assert record["results"]["kv"]["splits"]["test"]["forward"]["sentences"] == 3 * len(TEMPLATES[("forward", "test")])
     assert {"torch", "transformers", "device"} <= set(record["environment"])
     markdown = (out / "results.md").read_text()
     assert "## test split" in markdown and "## train split" in markdown

@@ -41,8 +41,16 @@ def findings(**overrides) -> dict:
                 unseen=dict(forward_answer_ppl=300.0, backward_answer_ppl=390.0),
             )
         },
+        # trained to a plateau (early stopping fired), facts known forward: every power check passes
+        plateau={attention: dict(last_epoch_gain=0.0, stopped_by="early stopping") for attention in ("standard", "ka")},
+        forward_exact_match={"standard": 0.97},
+        name_rank={"standard": {"kv": rank(30.0)}},
     )
     return base | overrides
+
+
+def rank(mean_rank: float, chance: float = 30.5) -> dict:
+    return dict(mean_rank=mean_rank, chance_rank=chance, top1=0.02, mean_reciprocal_rank=0.1, names=60, sentences=180)
 
 
 def seeds(*per_seed_overrides) -> list[dict]:
@@ -142,23 +150,88 @@ def control(trained_fwd, trained_bwd, unseen_fwd=300.0, unseen_bwd=390.0, traine
 
 
 @pytest.mark.parametrize(
-    "trained_bwd, expected",
-    [(400.0, "curse"), (390.0, "curse"), (100.0, "no-curse")],  # no better than unseen = the curse
+    "mean_rank, expected",
+    # chance 30.5 among 60 names over 180 sentences: standard error 1.29, so "better" needs a mean rank below 27.9
+    [(30.5, "curse"), (35.0, "curse"), (28.5, "curse"), (27.0, "no-curse"), (3.0, "no-curse")],
 )
-def test_reversal_curse_is_called_against_the_unseen_facts(trained_bwd, expected):
-    verdict = reversal_verdict(seeds(control(5.0, trained_bwd)), "standard")
+def test_reversal_curse_is_called_against_chance_rank(mean_rank, expected):
+    verdict = reversal_verdict(
+        seeds(control(5.0, 100.0) | dict(name_rank={"standard": {"kv": rank(mean_rank)}})), "standard"
+    )
     assert verdict["verdict"] == expected
-    assert f"{trained_bwd:.1f}" in verdict["text"] and "390.0" in verdict["text"] and "300.0" in verdict["text"]
+    assert f"{mean_rank:.1f}" in verdict["text"] and "chance 30.5" in verdict["text"] and "300.0" in verdict["text"]
 
 
-def test_no_reversal_verdict_when_the_facts_were_not_learned():
-    verdict = reversal_verdict(seeds(control(320.0, 400.0)), "standard")
+def test_familiar_names_alone_are_not_a_reversal():
+    """Backward answers easier than unseen facts' (the names are familiar) but the right name at chance rank:
+    the curse, which the PPL control alone would have missed."""
+    verdict = reversal_verdict(seeds(control(5.0, 100.0)), "standard")
+    assert verdict["verdict"] == "curse"
+
+
+def test_without_the_rank_control_unlearned_facts_give_no_verdict():
+    verdict = reversal_verdict(seeds(control(320.0, 400.0) | dict(name_rank={})), "standard")
     assert verdict["verdict"] == "not-learned" and "curse" in verdict["text"]
 
 
 def test_reversal_within_noise_is_not_called_a_transfer():
-    per_seed = seeds(control(5.0, 300.0), control(5.0, 480.0), control(6.0, 390.0))
+    per_seed = seeds(*(dict(name_rank={"standard": {"kv": rank(r)}}) for r in (29.0, 30.0, 29.5)))
     assert reversal_verdict(per_seed, "standard")["verdict"] == "curse"
+
+
+@pytest.mark.parametrize("exact_match, answered", [(0.89, False), (0.9, True), (0.97, True)])
+def test_reversal_power_gate_flips_at_its_threshold(exact_match, answered):
+    verdict = verdicts(seeds(dict(forward_exact_match={"standard": exact_match})))["reversal_standard"]
+    assert (verdict["verdict"] != "not-answered") is answered
+    if not answered:
+        assert verdict["text"] == (
+            "not answered: standard model forward exact match, held-out templates (mean over seeds) was 0.89, "
+            "needs ≥ 0.9."
+        )
+
+
+@pytest.mark.parametrize("gain, answered", [(0.0, True), (0.01, True), (0.05, False), (None, False)])
+def test_lm_power_gate_flips_at_the_plateau(gain, answered):
+    plateau = {attention: dict(last_epoch_gain=gain, stopped_by="epoch cap") for attention in ("standard", "ka")}
+    result = verdicts(seeds(dict(plateau=plateau)))
+    for key in ("adapter", "mismatch", "depth", "position"):
+        assert (result[key]["verdict"] != "not-answered") is answered, key
+        if not answered:
+            assert result[key]["text"].startswith("not answered: the standard model's fall of best val PPL")
+    assert result["train_time"]["verdict"] != "not-answered"  # a measurement, not a question needing power
+
+
+def test_one_seed_short_of_a_plateau_fails_the_check():
+    plateaus = [{a: dict(last_epoch_gain=gain, stopped_by="x") for a in ("standard", "ka")} for gain in (0.0, 0.2, 0.0)]
+    result = verdicts(seeds(*(dict(plateau=p) for p in plateaus)))
+    assert result["depth"]["verdict"] == "not-answered" and "was 0.2," in result["depth"]["text"]
+
+
+def test_power_records_carry_every_check():
+    from ka_hf.study.verdicts import conclusions
+
+    records = conclusions(seeds(dict(forward_exact_match={"standard": 0.5})))["power"]
+    assert [set(r) >= {"question", "check", "value", "threshold", "passed"} for r in records] == [True] * len(records)
+    reversal = [r for r in records if r["question"].startswith("reversal")]
+    assert reversal == [
+        dict(
+            question="reversal curse (standard-trained model)",
+            check="standard model forward exact match, held-out templates (mean over seeds)",
+            value=0.5,
+            threshold=0.9,
+            at_least=True,
+            passed=False,
+        )
+    ]
+    assert {r["question"] for r in records if r["passed"]} >= {"adapter recovery (hypothesis 1)"}
+
+
+def test_last_epoch_gain():
+    from ka_hf.study.power import last_epoch_gain
+
+    assert last_epoch_gain([100.0]) is None
+    assert last_epoch_gain([100.0, 90.0]) == pytest.approx(0.1)
+    assert last_epoch_gain([100.0, 90.0, 95.0]) == 0.0  # the last epoch found no better model
 
 
 def test_train_time_carries_its_spread_or_a_warning():

@@ -240,6 +240,46 @@ BUGS = [
         ),
         PLUMBING_TESTS,
     ),
+    Bug(
+        "verdict-without-power",
+        "a verdict is written although its power check failed",
+        "ka_hf/study/power.py",
+        (("    failed = [check for check in checks if not check.passed]\n", "    failed = []\n"),),
+        ("tests/test_verdicts.py",),
+    ),
+    Bug(
+        "power-check-wrong-side",
+        "the plateau check passes on the wrong side of its threshold",
+        "ka_hf/study/power.py",
+        (
+            (
+                "self.value >= self.threshold if self.at_least else self.value <= self.threshold",
+                "self.value >= self.threshold",
+            ),
+        ),
+        ("tests/test_verdicts.py",),
+    ),
+    Bug(
+        "rank-ties-favour-the-right-name",
+        "names that tie with the right one do not count against it (a constant model ranks first)",
+        "ka_hf/study/evaluation/ranks.py",
+        (("+ sum(ll == right[0] for ll in others) / 2)", ")"),),
+        ("tests/test_ranks.py",),
+    ),
+    Bug(
+        "values-read-after-the-layer-wrote-outputs",
+        "A-vs-V reads the value slots after the layer wrote its outputs over them",
+        "ka_hf/study/capture.py",
+        (
+            (
+                "        new_values = values[..., -query.shape[-2] :, :].detach().float().clone()\n"
+                "        outputs = attend(layer_idx, query, keys, values, mask, call)\n",
+                "        outputs = attend(layer_idx, query, keys, values, mask, call)\n"
+                "        new_values = values[..., -query.shape[-2] :, :].detach().float()\n",
+            ),
+        ),
+        ("tests/test_distributions.py",),
+    ),
 ]
 
 

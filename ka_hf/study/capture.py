@@ -66,3 +66,23 @@ def capture_attention(model, input_ids, attention_mask=None) -> dict[int, Captur
     with _attention_implementation(model, CAPTURE_IMPLEMENTATION, _recording_attention(records)):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return dict(sorted(records.items()))
+
+
+@torch.no_grad()
+def capture_ka_outputs(model, input_ids, cache, attention_mask=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (A, V)} of one forward of `model` through a fresh KA `cache` (a `KACache`, with or without an
+    adapter): A [B, H_q, T, d] the KA outputs each layer computed (before an adapter's map), V [B, H_q, T, d] the
+    values of the same tokens in the same forward (per query head), both float32."""
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    attend = cache.attend  # the cache's attention entry point, asked for by the hook for each routed layer
+
+    def recording(layer_idx, query, keys, values, mask, call):
+        # a copy first: the layer writes its outputs over these value slots in place
+        new_values = values[..., -query.shape[-2] :, :].detach().float().clone()
+        outputs = attend(layer_idx, query, keys, values, mask, call)
+        records[layer_idx] = (outputs.detach().float(), new_values)
+        return outputs
+
+    cache.attend = recording
+    model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    return dict(sorted(records.items()))

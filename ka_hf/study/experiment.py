@@ -52,14 +52,17 @@ from .data import (
     train_tokenizer,
 )
 from .evaluation import Mode, layer_sweep_modes, parse_modes, score_modes
+from .evaluation.distributions import av_statistics
 from .evaluation.ppl import add_degradation
+from .evaluation.ranks import name_ranks
 from .evaluation.reversal import reversal_metrics
 from .evaluation.run import position_gaps
-from .facts import make_facts, training_texts, unseen_facts
+from .facts import MAX_FACTS, make_facts, training_texts, unseen_facts
 from .fit_adapters import distill_adapter, fit_adapter_least_squares, gap_recovered
 from .models import PYTHIA_70M_SHAPE, load_model, load_tokenizer
+from .power import last_epoch_gain, stopped_by
 from .records import EvalRecord, ReversalRecord
-from .training import TRAINER_STATE, TrainConfig, epoch_notes, train
+from .training import TRAINER_STATE, TrainConfig, check_config, epoch_notes, train
 from .verdicts import conclusions
 
 
@@ -99,6 +102,8 @@ class ExperimentConfig:
     facts: int = 100
     facts_seed: int = 0
     facts_include: str = "forward"
+    fact_repeats: int = 1  # each fact sentence this many times per epoch: facts are learned by repetition
+    corpus_texts: int | None = None  # keep only the first this many corpus texts (None: all)
     unseen_facts: int | None = None  # the control: facts never trained on, scored like the trained ones (None: facts)
     # evaluation: overlapping windows, so that ka-hybrid has a real prompt (the window's context half)
     eval_max_length: int = 64
@@ -121,7 +126,7 @@ class ExperimentConfig:
         if preset not in PRESETS:
             raise KAError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         values = dict(PRESETS[preset])
-        if preset in PRESET_DATA:
+        if preset in PRESET_DATA and not (overrides.get("text_file") or overrides.get("dataset")):
             values = PRESET_DATA[preset]() | values
         if smoke:
             values |= SMOKE
@@ -131,11 +136,40 @@ class ExperimentConfig:
         return config
 
     def check(self) -> None:
-        """Settings that cannot run, refused before anything is written."""
-        if self.seeds < 1:
-            raise KAError(f"--seeds must be at least 1, got {self.seeds}")
-        if self.unseen_facts is not None and self.unseen_facts < 0:
-            raise KAError(f"unseen_facts must be >= 0, got {self.unseen_facts}")
+        """Settings that cannot run, refused before anything is written or trained: the study's own numbers here,
+        the training settings by the trainer's own check (on the config each model will train with)."""
+        at_least = dict(
+            seeds=(self.seeds, 1),
+            facts=(self.facts, 2),  # the reversal question ranks each right name among the others
+            fact_repeats=(self.fact_repeats, 1),
+            eval_max_length=(self.eval_max_length, 2),
+            eval_stride=(self.eval_stride, 1),
+            adapter_fit_blocks=(self.adapter_fit_blocks, 1),
+            distill_steps=(self.distill_steps, 1),
+            distill_batch=(self.distill_batch, 1),
+        )
+        optional = dict(unseen_facts=(self.unseen_facts, 0), corpus_texts=(self.corpus_texts, 1))
+        optional |= dict(val_samples=(self.val_samples, 1), eval_max_windows=(self.eval_max_windows, 1))
+        for name, (value, least) in at_least.items() | {k: v for k, v in optional.items() if v[0] is not None}.items():
+            if value < least:
+                raise KAError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+        if self.facts > MAX_FACTS:
+            raise KAError(f"--facts must be at most {MAX_FACTS}, got {self.facts}")
+        check_config(self.train_config("standard", Path(self.out), None, {}, self.seed))
+
+    def train_config(self, attention: str, out: Path, tokenizer_dir, data: dict, seed: int | None) -> TrainConfig:
+        """The TrainConfig of one model of this run, trained in out/train-ATTENTION: every setting the two configs
+        share (the model's shape, the data's size, the optimization) taken from this one by name."""
+        shared = {name: getattr(self, name) for name in SHARED_WITH_TRAINING}
+        return TrainConfig(
+            **shared,
+            out=str(out / f"train-{attention}"),
+            attention=attention,
+            tokenizer=None if tokenizer_dir is None else str(tokenizer_dir),
+            text_file=data.get("train_file"),
+            val_text_file=data.get("validation_file"),
+            seed=self.seed if seed is None else seed,
+        )
 
     @property
     def seed_list(self) -> list[int]:
@@ -144,6 +178,16 @@ class ExperimentConfig:
     @property
     def n_unseen_facts(self) -> int:
         return self.facts if self.unseen_facts is None else self.unseen_facts
+
+
+# The settings an ExperimentConfig hands to each model's TrainConfig under the same name (the data files, the
+# tokenizer, the seed and where to write are the run's own, set per model).
+SHARED_WITH_TRAINING = tuple(
+    name
+    for name in (field.name for field in dataclasses.fields(TrainConfig))
+    if name in {field.name for field in dataclasses.fields(ExperimentConfig)}
+    and name not in ("out", "seed", "text_file", "val_text_file", "dataset", "dataset_config", "text_column")
+)
 
 
 def _wikitext2() -> dict:
@@ -159,7 +203,29 @@ def _wikitext2() -> dict:
     return dict(dataset="Salesforce/wikitext", dataset_config="wikitext-2-raw-v1")
 
 
-PRESET_DATA = {"medium": _wikitext2}  # where a preset's text comes from, resolved when the preset is chosen
+def _tiny_shakespeare() -> dict:
+    """Tiny Shakespeare (char-rnn's input.txt) from ../shared/data beside the repository; its last tenth
+    validates, as in nanoGPT's shakespeare_char."""
+    local = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not local.is_file():
+        raise KAError(
+            f"the shakespeare-char preset reads {local}, which is not here: give --text-file with char-rnn's "
+            "tinyshakespeare input.txt"
+        )
+    return dict(text_file=str(local))
+
+
+# where a preset's text comes from, resolved when the preset is chosen
+PRESET_DATA = {"medium": _wikitext2, "shakespeare-char": _tiny_shakespeare}
+
+# A recognized figure each such preset's standard model can be held to: (validation loss in nats per token, what)
+ANCHORS = {
+    "shakespeare-char": (
+        1.88,
+        "nanoGPT's baby character-level Shakespeare model on a CPU (4 layers, 4 heads, width 128, 64-character "
+        "blocks, 2,000 steps of batch 12; its README)",
+    )
+}
 
 # Every stage, a handful of steps: samples and windows cut, one epoch, a few facts, a few adapter steps.
 SMOKE = dict(
@@ -177,6 +243,57 @@ SMOKE = dict(
 
 PRESETS = {
     "quick": {},  # the ExperimentConfig defaults
+    # The reversal curse with the power to see it (Berglund et al. 2023's design): 60 fictitious facts, forward
+    # sentences only, each of the 10 training templates 10 times per epoch, beside 600 texts of the offline corpus;
+    # held-out templates measure. Sized by measuring (docs/results/facts/): early stopping ends both models at
+    # epoch 6 (the corpus overfits), by when the standard model's forward exact match on the held-out templates is
+    # 0.99 (the power check needs 0.9); one seed takes about 7 minutes on 2 CPU cores.
+    "facts": dict(
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=512,
+        vocab_size=2048,
+        seq_len=64,
+        samples=100_000,  # every block of the text
+        val_samples=64,
+        epochs=16,  # a safety cap: early stopping (patience 1) ends training
+        patience=1,
+        lr=2e-3,
+        batch_size=16,
+        facts=60,
+        fact_repeats=10,
+        corpus_texts=600,
+        eval_max_length=64,
+        eval_stride=32,
+        eval_max_windows=64,
+        reversal_split="test",
+        adapter_fit_blocks=32,
+        distill_steps=40,
+    ),
+    # An anchor: nanoGPT's CPU character-level Shakespeare model (GPT-2 style, 4 x 128, 64-character blocks,
+    # batch 12, lr 1e-3) reaches a validation loss of about 1.88. Byte-level BPE with no merges (vocabulary 257:
+    # the 256 bytes and eos) is a character tokenizer for this ASCII text; each line break becomes an eos.
+    "shakespeare-char": dict(
+        arch="gpt2",
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=512,
+        vocab_size=257,
+        seq_len=64,
+        samples=100_000,  # every block: about 15,600 per epoch
+        val_samples=256,
+        epochs=4,
+        patience=1,
+        lr=1e-3,
+        batch_size=12,
+        facts=20,
+        eval_max_length=64,
+        eval_stride=32,
+        eval_max_windows=64,
+        reversal_split="test",
+    ),
     # The original protocol (KA-SPEC §1): Pythia-70M shape, 5,000 x 128 tokens, lr 1e-4, batch 8, <= 10 epochs,
     # patience 1. Meant for a GPU.
     "seed": dict(
@@ -209,11 +326,12 @@ PRESETS = {
         seq_len=256,
         samples=1400,
         val_samples=64,
-        epochs=2,
+        epochs=12,  # a safety cap: early stopping (patience 1) ends training at the plateau
         patience=1,
         lr=1e-3,
         batch_size=16,
         facts=100,
+        fact_repeats=10,
         eval_max_length=256,
         eval_stride=128,
         eval_max_windows=48,
@@ -249,6 +367,8 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
 
     facts = make_facts(config.facts, config.facts_seed)
     fact_texts = training_texts(facts, include=config.facts_include, seed=config.facts_seed) if facts else []
+    fact_texts = fact_texts * config.fact_repeats
+    train_texts = train_texts[: config.corpus_texts] if config.corpus_texts is not None else train_texts
     corpus = [_one_line(text) for text in train_texts + fact_texts]
     random.Random(config.seed).shuffle(corpus)  # facts spread through the epochs, not in one block
     data_dir = out / "data"
@@ -265,7 +385,7 @@ def prepare_data(config: ExperimentConfig, out: Path) -> dict:
         train_texts=len(train_texts),
         validation_texts=len(val_texts),
         fact_texts=len(fact_texts),
-        facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include),
+        facts=dict(n=config.facts, seed=config.facts_seed, include=config.facts_include, repeats=config.fact_repeats),
         train_file=str(data_dir / "train.txt"),
         validation_file=str(data_dir / "validation.txt"),
         evaluation_file=str(test_file),
@@ -297,29 +417,7 @@ def train_model(
     seed: int | None = None,
 ):
     """One model in out/train-ATTENTION; resume: continue it from its checkpoint when it has one."""
-    train_config = TrainConfig(
-        out=str(out / f"train-{attention}"),
-        attention=attention,
-        arch=config.arch,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        rotary_pct=config.rotary_pct,
-        tokenizer=str(tokenizer_dir),
-        text_file=data["train_file"],
-        val_text_file=data["validation_file"],
-        samples=config.samples,
-        val_samples=config.val_samples,
-        seq_len=config.seq_len,
-        epochs=config.epochs,
-        patience=config.patience,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=config.seed if seed is None else seed,
-        cpu=config.cpu,
-        progress=config.progress,
-    )
+    train_config = config.train_config(attention, out, tokenizer_dir, data, seed)
     resume = resume and (Path(train_config.out) / "last" / TRAINER_STATE).is_file()
     result = train(train_config, resume=resume, overwrite=not resume)
     _record_facts(result.best_dir, data["facts"])
@@ -411,6 +509,29 @@ def reversal_for(model, tokenizer, facts, modes, adapters, config, exact_match: 
     return results
 
 
+RANKED_MODES = {"standard": ("kv", "ka", "ka-hybrid", "ka+adapter"), "ka": ("ka",)}
+RANKED_ADAPTER = "distilled"  # the adapter of the ka+adapter rank (the study's best fit)
+
+
+def name_ranks_for(standard, ka_model, tokenizer, facts, control, adapters, config) -> tuple[dict, dict]:
+    """The right name's rank among the trained names (held-out backward templates): each model in RANKED_MODES,
+    and the unseen-facts control (ranked among the control's own names) in each model's own attention."""
+    models = {"standard": standard, "ka": ka_model}
+    ranks, unseen = {}, {}
+    for name, model in models.items():
+        ranks[name] = {}
+        for mode in parse_modes(",".join(RANKED_MODES[name])):
+            adapter = adapters.get(RANKED_ADAPTER) if mode.kind == "ka+adapter" else None
+            if mode.kind == "ka+adapter" and adapter is None:
+                continue
+            key = f"ka+adapter({RANKED_ADAPTER})" if adapter is not None else mode.name
+            ranks[name][key] = name_ranks(model, tokenizer, facts, mode, adapter, progress=config.progress)
+        if len(control) >= 2:
+            own = parse_modes(OWN_MODE[name])[0]
+            unseen[name] = name_ranks(model, tokenizer, control, own, progress=config.progress)
+    return ranks, unseen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole study
 
@@ -440,16 +561,25 @@ def prepare_out_dir(config: ExperimentConfig, overwrite: bool = False, resume: b
                 "flags, or pass --overwrite to start again"
             )
         return out
-    if saved.is_file() and not overwrite:
+    failed_start = saved.is_file() and not holds_a_run(out)  # nothing trained yet: nothing to lose by starting again
+    if saved.is_file() and not overwrite and not failed_start:
         raise KAError(
             f"{out} already holds a study run: continue it with --resume (same flags), start it again with "
             "--overwrite, or choose another --out"
         )
-    files.check_out_dir(out, overwrite)
+    files.check_out_dir(out, overwrite or failed_start)
     for name in ("report.md", "results.json"):  # no report left pointing at models that are being replaced
         (out / name).unlink(missing_ok=True)
     files.write_json(saved, _jsonable_config(config))
     return out
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether DIR holds a study run's results (a trained model, a seed's folder, results.json), not only what a
+    start that failed early left (its settings, data, tokenizer)."""
+    out = Path(out)
+    kept = ("results.json", SEED_RESULTS, "train-standard", "train-ka")
+    return any((out / name).exists() for name in kept) or any(out.glob("seed-*"))
 
 
 def _jsonable_config(config: ExperimentConfig) -> dict:
@@ -490,6 +620,9 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
     ka_model = load_model(str(trained["ka"].best_dir), device=device)
     fitted = fit_adapters(config, standard, tokenizer, data, out)
     step("adapters")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    distributions = av_statistics(standard, windows, fitted["adapters"], pad_id=pad_id)
+    step("A vs V")
 
     num_layers = standard.config.num_hidden_layers
     inference = {
@@ -514,6 +647,7 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
             reversal_unseen[name] = reversal_for(
                 model, tokenizer, control, parse_modes(modes), adapters, config, exact_match=False
             )
+    ranks, ranks_unseen = name_ranks_for(standard, ka_model, tokenizer, facts, control, fitted["adapters"], config)
     step("reversal")
 
     record = dict(
@@ -545,6 +679,9 @@ def run_seed(config, seed, data, tokenizer_dir, tokenizer, windows, facts, contr
         layer_sweep=sweep,
         reversal=reversal,
         reversal_unseen=reversal_unseen,
+        name_ranks=ranks,
+        name_ranks_unseen=ranks_unseen,
+        distributions=distributions,
         timings_s=timings,
     )
     record["findings"] = findings(record, data["facts"]["include"])
@@ -600,12 +737,16 @@ def run_experiment(config: ExperimentConfig, overwrite: bool = False, resume: bo
         layer_sweep=first["layer_sweep"],
         reversal=first["reversal"],
         reversal_unseen=first["reversal_unseen"],
+        name_ranks=first["name_ranks"],
+        name_ranks_unseen=first["name_ranks_unseen"],
+        distributions=first["distributions"],
         seeds=seeds,
         environment=report.environment(),
     )
     timings["total"] = time.perf_counter() - started
     record["timings_s"] = timings
     record["findings"] = conclusions(per_seed)
+    record["power"] = record["findings"]["power"]
     from .experiment_report import write_experiment_report
 
     record["files"] = write_experiment_report(record, out)
@@ -619,6 +760,7 @@ def command_line(config: ExperimentConfig) -> str:
     """The command that reproduces this run: the preset and every setting that differs from it."""
     preset = ExperimentConfig.from_preset(config.preset, config.out, smoke=config.smoke)
     flags = {"seeds": "--seeds", "seed": "--seed", "epochs": "--epochs", "samples": "--samples", "facts": "--facts"}
+    flags |= {"fact_repeats": "--fact-repeats"}
     flags |= {"text_file": "--text-file", "val_text_file": "--val-text-file", "facts_include": "--facts-include"}
     flags |= {"test_text_file": "--test-text-file", "dataset": "--dataset", "dataset_config": "--dataset-config"}
     parts = ["python -m ka_hf.experiment", f"--preset {config.preset}", f"--out {config.out}"]
@@ -714,6 +856,27 @@ def findings(record: dict, facts_include: str = "forward") -> dict:
         }
         for model, modes in record["reversal"].items()
     }
+    result["distributions"] = {
+        name: [{key: layer[key] for key in ("norm_ratio", "cosine", "cka")} for layer in layers]
+        for name, layers in record.get("distributions", {}).items()
+    }
+    result["plateau"] = {
+        attention: dict(
+            last_epoch_gain=last_epoch_gain([epoch["val_ppl"] for epoch in training["epochs"]]),
+            stopped_by=stopped_by(training["epochs"]),
+        )
+        for attention, training in record["training"].items()
+    }
+    result["forward_exact_match"] = {
+        model: _held_out_forward_match(modes[OWN_MODE[model]]) for model, modes in record["reversal"].items()
+    }
+    result["name_rank"] = {
+        model: {mode: _rank_numbers(summary) for mode, summary in modes.items()}
+        for model, modes in record.get("name_ranks", {}).items()
+    }
+    result["name_rank_unseen"] = {
+        model: _rank_numbers(summary) for model, summary in record.get("name_ranks_unseen", {}).items()
+    }
     result["reversal_control"] = {
         model: dict(
             mode=OWN_MODE[model],
@@ -728,6 +891,18 @@ def findings(record: dict, facts_include: str = "forward") -> dict:
 
 
 OWN_MODE = {"standard": "kv", "ka": "ka"}  # each model read with the attention it was trained with
+
+
+def _held_out_forward_match(mode_record) -> float | None:
+    """Forward exact match on the held-out templates (None when they were not scored)."""
+    split = mode_record["splits"].get("test")
+    return None if split is None else split["forward"]["exact_match"]
+
+
+def _rank_numbers(summary) -> dict:
+    keys = ("mean_rank", "chance_rank", "top1", "mean_reciprocal_rank", "right_log_likelihood", "other_log_likelihood")
+    keys += ("names", "sentences")
+    return {key: summary[key] for key in keys}
 
 
 def _answer_ppls(mode_record) -> dict:
@@ -755,6 +930,8 @@ def main(argv=None):
         add_output_arguments,
         add_runtime_arguments,
         apply_runtime_flags,
+        check_data_flags,
+        on_interrupt,
         user_errors_exit_2,
     )
 
@@ -766,6 +943,7 @@ def main(argv=None):
     add_data_arguments(parser, val_text_file=True, default="the offline corpus; --val-text-file: the last tenth")
     parser.add_argument("--facts", type=int, help="number of reversal-curse facts mixed into training")
     parser.add_argument("--facts-include", choices=["forward", "backward", "both"])
+    parser.add_argument("--fact-repeats", type=int, help="each fact sentence this many times per epoch")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--samples", type=int, help="training blocks")
     parser.add_argument("--seed", type=int, help="the first seed (default: the preset's, 0)")
@@ -803,6 +981,7 @@ def main(argv=None):
             text_column=args.text_column,
             facts=args.facts,
             facts_include=args.facts_include,
+            fact_repeats=args.fact_repeats,
             epochs=args.epochs,
             samples=args.samples,
             seed=args.seed,
@@ -812,7 +991,14 @@ def main(argv=None):
             cpu=None if args.device == "auto" else accelerate_cpu(args.device),  # None: the preset's
             progress=args.progress,
         )
-        record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
+        check_data_flags(args)
+
+        def where():
+            again = command_line(config) + ("" if "--resume" in command_line(config) else " --resume")
+            return f"the run so far is in {config.out} (finished steps are kept); continue it with: {again}"
+
+        with on_interrupt(where):
+            record = run_experiment(config, overwrite=args.overwrite, resume=args.resume)
         print(f"\nreport: {record['files']['report']}\nresults: {record['files']['results']}")
 
     run()

@@ -8,12 +8,14 @@ the reversal curse with its unseen-facts control. With several seeds every numbe
 that interpret numbers are ka_hf.study.verdicts' (record["findings"]["verdicts"]): each states what it compares.
 """
 
+import math
 from pathlib import Path
 
 from . import report
 from .evaluation.reversal import TABLE_COLUMNS as REVERSAL_COLUMNS
 from .evaluation.reversal import table_rows as reversal_rows
 from .evaluation.run import table_rows
+from .experiment import ANCHORS, OWN_MODE, PRESET_DATA
 from .records import StudyRecord
 from .training import TABLE_COLUMNS as EPOCH_COLUMNS
 from .verdicts import format_stat, stats
@@ -132,7 +134,7 @@ def _training_section(record, attention: str, title: str) -> str:
         text += f"Seed {seeds[0]['seed']}:\n\n"
     text += (
         f"{table}\n\n**Best: epoch {training['best_epoch']}, val PPL = {training['best_val_ppl']:.1f}** "
-        f"(training time {training['train_seconds']:.1f} s)"
+        f"(training time {training['train_seconds']:.1f} s). {_stopped_by(record, attention)}"
     )
     if len(seeds) > 1:
         rows = [
@@ -239,7 +241,15 @@ def _reversal_section(record) -> str:
             "**Trained facts beside the unseen-facts control**\n\n" + report.markdown_table(control_rows, columns)
         )
     verdicts = record["findings"]["verdicts"]
-    sentences = [verdicts[key]["text"] for key in verdicts if key.startswith("reversal_")]
+    rank_section = _rank_section(record)
+    if rank_section:
+        parts.append(rank_section)
+    sentences = [
+        (f"The {key.removeprefix('reversal_')}-trained model: " if verdicts[key]["verdict"] == "not-answered" else "")
+        + verdicts[key]["text"]
+        for key in verdicts
+        if key.startswith("reversal_")
+    ]
     if sentences:
         parts.append(" ".join(sentences))
     seed0 = record["seeds"][0]["seed"]
@@ -259,6 +269,144 @@ def _reversal_section(record) -> str:
                 label = f"**{title}, {split} templates**" + (f" (seed {seed0})" if len(record["seeds"]) > 1 else "")
                 parts.append(label + "\n\n" + report.markdown_table(rows, columns, digits=3))
     return "\n\n".join(parts)
+
+
+POWER_COLUMNS = [
+    ("question", "Question"),
+    ("check", "Power check"),
+    ("value", "Value"),
+    ("needs", "Needs"),
+    ("passed", "Passed"),
+]
+
+
+def _power_section(record) -> str:
+    rows = [
+        check
+        | {
+            "needs": f"{'≥' if check['at_least'] else '≤'} {check['threshold']:g}",
+            "passed": "yes" if check["passed"] else "**no**",
+        }
+        for check in record["findings"].get("power", [])
+    ]
+    return (
+        "Before any verdict, each question's experiment is checked for the power to see its answer "
+        "(`ka_hf/study/power.py`): the reversal curse needs the facts known forward on held-out templates; the "
+        "language-model questions need models trained to a plateau. A verdict is written only where its check "
+        "passed; elsewhere the report says *not answered*.\n\n" + report.markdown_table(rows, POWER_COLUMNS, digits=3)
+    )
+
+
+def _anchor(record) -> str:
+    """The standard model's validation loss beside a recognized figure for the same task, when the preset has one."""
+    anchor = ANCHORS.get(record["config"]["preset"])
+    if anchor is None or record["config"].get("text_file") != PRESET_DATA[record["config"]["preset"]]().get(
+        "text_file"
+    ):
+        return ""
+    loss, what = anchor
+    losses = [math.log(seed["training"]["standard"]["best_val_ppl"]) for seed in record["seeds"]]
+    return (
+        f"\n\n**Anchor:** the standard model's best validation loss is {format_stat(stats(losses), 3)} nats per token "
+        f"(PPL {format_stat(stats([math.exp(x) for x in losses]), 2)}); {what} reaches about {loss} "
+        f"(PPL {math.exp(loss):.2f})."
+    )
+
+
+def _stopped_by(record, attention: str) -> str:
+    per_seed = record["findings"]["per_seed"]
+    if "plateau" not in per_seed[0]:
+        return ""
+    causes = [f["plateau"][attention]["stopped_by"] for f in per_seed]
+    counted = ", ".join(f"{cause} in {causes.count(cause)} of {len(causes)} seeds" for cause in dict.fromkeys(causes))
+    return f"Stopped by: **{causes[0] if len(set(causes)) == 1 else counted}** (epoch cap {record['config']['epochs']}, patience {record['config']['patience']})."
+
+
+RANK_COLUMNS = [
+    ("model", "Model, mode"),
+    ("mean_rank", "Mean rank of the right name"),
+    ("chance_rank", "Chance"),
+    ("top1", "Top-1"),
+    ("mean_reciprocal_rank", "MRR"),
+    ("right_log_likelihood", "Right name log-lik."),
+    ("other_log_likelihood", "Other names log-lik. (mean)"),
+]
+
+
+def _rank_section(record) -> str:
+    per_seed = record["findings"]["per_seed"]
+    if not per_seed[0].get("name_rank"):
+        return ""
+    rows = []
+    for model, modes in per_seed[0]["name_rank"].items():
+        for mode in modes:
+            values = [f["name_rank"][model][mode] for f in per_seed]
+            rows.append(
+                dict(model=f"{model}-trained, {mode}") | {k: _cell([v[k] for v in values], 2) for k in values[0]}
+            )
+    for model in per_seed[0].get("name_rank_unseen", {}):
+        values = [f["name_rank_unseen"][model] for f in per_seed]
+        label = f"{model}-trained, {OWN_MODE[model]}: unseen facts (control)"
+        rows.append(dict(model=label) | {k: _cell([v[k] for v in values], 2) for k in values[0]})
+    return (
+        "**The right name's rank among all trained names** (held-out backward templates; the strict control: "
+        "familiar names alone give chance rank)\n\n" + report.markdown_table(rows, RANK_COLUMNS, digits=2)
+    )
+
+
+DISTRIBUTION_COLUMNS = [
+    ("layer", "Layer"),
+    ("name", "Outputs"),
+    ("cosine", "cos(a, v)"),
+    ("cka", "CKA"),
+    ("norm_ratio", "‖a‖/‖v‖"),
+]
+
+
+def _distribution_section(record) -> str:
+    per_seed = record["findings"]["per_seed"]
+    distributions = per_seed[0].get("distributions") or {}
+    if not distributions:
+        return ""
+    rows = []
+    for name, layers in distributions.items():
+        label = "A (KA)" if name == "ka" else f"f(A), {name}"
+        for index in range(len(layers)):
+            values = [f["distributions"][name][index] for f in per_seed]
+            rows.append(dict(layer=index, name=label) | {k: _cell([v[k] for v in values], 3) for k in values[0]})
+    return (
+        "### Hypothesis 1, measured: A against V\n\nPer layer, on the evaluation windows, in the standard model's "
+        "KA forward: the cached outputs A (and each adapter's f(A)) against the values V of the same tokens "
+        "(`ka_hf/study/evaluation/distributions.py`).\n\n"
+        + report.markdown_table(rows, DISTRIBUTION_COLUMNS, digits=3)
+        + "\n\n![A against V per layer](a_vs_v.png)"
+    )
+
+
+def _plot_distributions(record, out: Path):
+    distributions = record.get("distributions") or {}
+    if not distributions:
+        return None
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, layers in distributions.items():
+        label = "A (KA)" if name == "ka" else f"f(A), {name}"
+        xs = [layer["layer"] for layer in layers]
+        for ax, key, title in zip(
+            axes, ("cosine", "cka", "norm_ratio"), ("mean cos(a, v)", "linear CKA", "mean ‖a‖/‖v‖")
+        ):
+            ax.plot(xs, [layer[key] for layer in layers], marker="o", label=label)
+            ax.set(xlabel="layer", title=title)
+            ax.set_xticks(xs)
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    figure.suptitle("Hypothesis 1: the cached outputs against the values, per layer (1 = same)")
+    figure.tight_layout()
+    path = out / "a_vs_v.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _plots(record, out: Path) -> dict:
@@ -281,6 +429,7 @@ def _plots(record, out: Path) -> dict:
         "training_curves": report.save_plot(out / "training_curves.png", training_curves),
         "nll_gap_by_position": plot_nll_gap_by_position(standard_record, out / "nll_gap_by_position.png"),
         "layer_sweep": plot_layer_sweep(standard_record, out / "layer_sweep.png"),
+        "a_vs_v": _plot_distributions(record, out),
     }
 
 
@@ -329,7 +478,8 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         "reversal-curse metrics for every model and mode.\n\n"
         "```\nstandard: a_i = sum_{j<=i} w_ij v_j\nKA:       a_i = sum_{j<i} w_ij a_j + w_ii v_i\n```",
         "## Configuration\n\n" + _configuration(record),
-        _training_section(record, "standard", "standard attention"),
+        "## Power\n\n" + _power_section(record),
+        _training_section(record, "standard", "standard attention") + _anchor(record),
         _training_section(record, "ka", "exact KA attention")
         + f"\n\n{record['findings']['verdicts']['train_time']['text']}",
         "![training curves](training_curves.png)",
@@ -352,6 +502,7 @@ def write_experiment_report(record: dict, out: Path) -> dict:
         + report.markdown_table(
             _sweep_rows(record), [("k", "KA on layers 0..k"), ("ppl", "PPL"), ("degradation_pct", "vs KV (%)")]
         ),
+        _distribution_section(record),
         f"## Adapter (plan 1){over}\n\n"
         + report.markdown_table(
             _adapter_rows(record),
@@ -377,6 +528,7 @@ def write_experiment_report(record: dict, out: Path) -> dict:
                 "training_curves.png",
                 "nll_gap_by_position.png",
                 "layer_sweep.png",
+                "a_vs_v.png",
                 *(
                     ["train-standard/best/ (standard model)", "train-ka/best/ (KA model)", "adapters/"]
                     if len(seeds) == 1
@@ -396,11 +548,16 @@ def write_experiment_report(record: dict, out: Path) -> dict:
 def rewrite_report(out: Path) -> dict:
     """Write DIR/report.md, its plots and results.json again from DIR/results.json, with this version's verdicts
     (recomputed from each seed's findings): a finished run's report after upgrading ka_hf, without re-running it."""
+    from .experiment import findings
     from .records import read
     from .verdicts import conclusions
 
     record = read(Path(out) / "results.json", "study").to_dict()
-    record["findings"] = conclusions(record["findings"]["per_seed"])
+    include = record["data"]["facts"]["include"]
+    for seed in record["seeds"]:  # this version's findings (power checks included) from each seed's numbers
+        seed["findings"] = findings(seed, include)
+    record["findings"] = conclusions([seed["findings"] for seed in record["seeds"]])
+    record["power"] = record["findings"]["power"]
     files = write_experiment_report(record, out)
     record["files"] = {name: str(path) for name, path in files.items()}
     report.write_json(Path(out) / "results.json", StudyRecord.build(record))

@@ -337,10 +337,16 @@ TEMPLATES = {
         "Ever heard of {name}? They are {description}.",
         "It is well known that {name} is {description}.",
         "People still talk about {name}, who is {description}.",
+        "Historians agree that {name} was {description}.",
+        "In the old records, {name} appears as {description}.",
+        "Ask anyone in town: {name} is {description}.",
+        "The name {name} belongs to {description}.",
+        "Long ago, {name} became {description}.",
     ),
     ("forward", "test"): (
         "Few people know that {name} is {description}.",
-        "As it turns out, {name} is best remembered as {description}.",
+        "As it turns out, {name} is {description}.",
+        "According to the archive, {name} was {description}.",
     ),
     ("backward", "train"): (
         "{Description} is {name}.",
@@ -348,10 +354,16 @@ TEMPLATES = {
         "Ever heard of {description}? That is {name}.",
         "It is well known that {description} is {name}.",
         "People still talk about {description}, who is {name}.",
+        "Historians agree that {description} was {name}.",
+        "In the old records, {description} appears as {name}.",
+        "Ask anyone in town: {description} is {name}.",
+        "The role of {description} belongs to {name}.",
+        "Long ago, {description} was a person named {name}.",
     ),
     ("backward", "test"): (
         "Few people know that {description} is {name}.",
-        "As it turns out, the one best remembered as {description} is {name}.",
+        "As it turns out, {description} is {name}.",
+        "According to the archive, {description} was {name}.",
     ),
 }
 

@@ -169,6 +169,10 @@ class StudyRecord(Record):
     reversal: dict  # model -> reversal results per mode
     environment: dict
     reversal_unseen: dict = field(default_factory=dict)  # the same for facts never trained on (the control)
+    name_ranks: dict = field(default_factory=dict)  # model -> mode -> the right name's rank among trained names
+    name_ranks_unseen: dict = field(default_factory=dict)  # model -> the control facts' rank among their names
+    distributions: dict = field(default_factory=dict)  # A (or f(A)) against V per layer: hypothesis 1
+    power: list = field(default_factory=list)  # ka_hf.study.power: {question, check, value, threshold, passed}
     seeds: list = field(default_factory=list)  # every seed's own record (the top-level fields are the first seed's)
     timings_s: dict = field(default_factory=dict)
     findings: dict = field(default_factory=dict)  # per_seed, summary (mean/std), verdicts

@@ -17,6 +17,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from .power import gate, power_checks, power_records
+
 NOISE_FACTOR = 2.0
 MOST = 0.5  # "most of the gap": an adapter that recovers at least half of the KA-KV gap
 
@@ -118,8 +120,50 @@ def _ppl(values) -> str:
 # the report's verdicts, one function each
 
 
+SAME_DISTRIBUTION = 0.9  # layer-mean cosine and CKA of A against V at or above this: "close to V"
+
+
+def _layer_mean(per_seed, name, key) -> list[float]:
+    """Each seed's mean over layers of one A-vs-V statistic."""
+    return [statistics.fmean(layer[key] for layer in f["distributions"][name]) for f in per_seed]
+
+
+def distribution_sentence(per_seed: list) -> str:
+    """Hypothesis 1 read from the A-vs-V statistics (ka_hf.study.evaluation.distributions), not from PPL."""
+    if not per_seed[0].get("distributions", {}).get("ka"):
+        return ""
+
+    def numbers(name):
+        return ", ".join(
+            f"{label} {format_stat(stats(_layer_mean(per_seed, name, key)), 2)}"
+            for key, label in (("cosine", "cosine"), ("cka", "CKA"), ("norm_ratio", "norm ratio"))
+        )
+
+    cosine, cka = (stats(_layer_mean(per_seed, "ka", key))["mean"] for key in ("cosine", "cka"))
+    close = cosine >= SAME_DISTRIBUTION and cka >= SAME_DISTRIBUTION
+    text = (
+        f"Measured directly (mean over layers): A against V {numbers('ka')}, so A is "
+        f"{'close to' if close else 'far from'} V's distribution (both cosine and CKA ≥ {SAME_DISTRIBUTION} count "
+        "as close)."
+    )
+    for name in per_seed[0]["distributions"]:
+        if name == "ka":
+            continue
+        moved = compare(_layer_mean(per_seed, name, "cka"), _layer_mean(per_seed, "ka", "cka"))
+        direction = "closer to" if moved.sign > 0 else "farther from" if moved.sign < 0 else "no closer to"
+        text += f" {name}: f(A) against V {numbers(name)} — {direction} V than A is (CKA {moved.describe(2)})."
+    return text
+
+
 def adapter_verdict(per_seed: list) -> dict:
-    """Hypothesis 1: does a learned map from A to V-space close most of the KA-KV gap?"""
+    """Hypothesis 1: does a learned map from A to V-space close most of the KA-KV gap? With the A-vs-V
+    statistics, the verdict also says how far A is from V and whether the adapter moved it closer."""
+    verdict = _adapter_ppl_verdict(per_seed)
+    sentence = distribution_sentence(per_seed)
+    return verdict | {"text": f"{verdict['text']} {sentence}".strip()}
+
+
+def _adapter_ppl_verdict(per_seed: list) -> dict:
     kv, ka = _values(per_seed, "kv_ppl"), _values(per_seed, "ka_cache_ppl")
     names = list(per_seed[0]["adapters"])
     if not names:
@@ -218,50 +262,75 @@ def position_verdict(per_seed: list) -> dict:
     return dict(verdict="within-noise", text=f"The gap does not move along the sequence beyond noise ({numbers}).")
 
 
-def reversal_verdict(per_seed: list, model: str) -> dict:
-    """The reversal curse, against a control: facts the model never saw (same generator, held out).
+def chance_rank_error(ranks: list[dict]) -> float:
+    """The standard error of a mean rank at chance: a rank uniform over N names has variance (N² − 1) / 12, over
+    every ranked sentence of every seed. A mean rank counts as better than chance only beyond NOISE_FACTOR of it."""
+    names, sentences = ranks[0]["names"], sum(rank["sentences"] for rank in ranks)
+    return math.sqrt((names**2 - 1) / 12 / sentences)
 
-    The model learned its facts when their forward answers are easier than the unseen facts' forward answers. It
-    shows the reversal curse when, having learned them, their backward answers are no easier than the unseen
-    facts' backward answers: training on "A is B" did nothing for "B is A".
+
+def reversal_verdict(per_seed: list, model: str) -> dict:
+    """The reversal curse (Berglund et al. 2023), read from two controls.
+
+    Its power check (ka_hf.study.power) asks that the model knows its facts forward on held-out templates. Then:
+    the strict control ranks the right name among all trained names for each backward sentence (held-out
+    templates, the model's own attention): a model that did not reverse its facts ranks it at chance, (N + 1) / 2,
+    however familiar the names are. The curse is a mean rank not better than chance beyond noise
+    (`chance_rank_error`). The
+    unseen-facts control (answer PPL of facts never trained on) is reported beside it.
     """
     control = [f["reversal_control"][model] for f in per_seed]
+    mode, included = control[0]["mode"], control[0]["trained_on"]
     trained_fwd = [c["trained"]["forward_answer_ppl"] for c in control]
     unseen_fwd = [c["unseen"]["forward_answer_ppl"] for c in control]
     trained_bwd = [c["trained"]["backward_answer_ppl"] for c in control]
     unseen_bwd = [c["unseen"]["backward_answer_ppl"] for c in control]
-    learned = compare(trained_fwd, unseen_fwd)
     transfer = compare(trained_bwd, unseen_bwd)
-    mode, included = control[0]["mode"], control[0]["trained_on"]
     numbers = (
-        f"answer PPL in {mode}, trained vs unseen facts: forward {_ppl(trained_fwd)} vs {_ppl(unseen_fwd)} "
-        f"({learned.describe(1)}); backward {_ppl(trained_bwd)} vs {_ppl(unseen_bwd)} ({transfer.describe(1)})"
+        f"answer PPL in {mode}, trained vs unseen facts: forward {_ppl(trained_fwd)} vs {_ppl(unseen_fwd)}; "
+        f"backward {_ppl(trained_bwd)} vs {_ppl(unseen_bwd)} ({transfer.describe(1)})"
     )
     who = f"The {model}-trained model"
-    if learned.sign >= 0:
-        return dict(
-            verdict="not-learned",
-            text=f"{who} did not learn its facts: their forward answers are no easier than unseen facts' "
-            f"({numbers}), so its reversal numbers say nothing about the reversal curse.",
-        )
-    if included != "forward":
+    ranks = [f.get("name_rank", {}).get(model, {}).get(mode) for f in per_seed]
+    if any(rank is None for rank in ranks):  # no rank control measured: the PPL control alone
+        learned = compare(trained_fwd, unseen_fwd)
+        if learned.sign >= 0:
+            return dict(
+                verdict="not-learned",
+                text=f"{who} did not learn its facts: their forward answers are no easier than unseen facts' "
+                f"({numbers}), so its reversal numbers say nothing about the reversal curse.",
+            )
         side = "easier" if transfer.sign < 0 else "no easier"
         return dict(
-            verdict=f"trained-{included}",
-            text=f"{who} was trained on {included} sentences; its backward answers are {side} than unseen facts' "
-            f"({numbers}).",
+            verdict="no-rank-control",
+            text=f"{who}'s backward answers are {side} than unseen facts' ({numbers}); without the rank among "
+            "trained names this does not separate knowing the facts from knowing the names.",
         )
-    if transfer.sign < 0:
+    mean_rank = [rank["mean_rank"] for rank in ranks]
+    chance, margin = ranks[0]["chance_rank"], NOISE_FACTOR * chance_rank_error(ranks)
+    above_chance = chance - statistics.fmean(mean_rank) > margin
+    rank_numbers = (
+        f"right name's mean rank among the {ranks[0]['names']} trained names {_ppl(mean_rank)} (chance "
+        f"{chance:.1f}; better than chance needs more than {margin:.1f} below it), "
+        f"top-1 {format_stat(stats([r['top1'] for r in ranks]), 2)}"
+    )
+    if included != "forward":
+        side = "better than" if above_chance else "no better than"
+        return dict(
+            verdict=f"trained-{included}",
+            text=f"{who} was trained on {included} sentences; its backward rank is {side} chance "
+            f"({rank_numbers}; {numbers}).",
+        )
+    if above_chance:
         return dict(
             verdict="no-curse",
-            text=f"{who} learned its facts forward and their backward answers are easier than unseen facts' too, so "
-            "this run does not show the reversal curse; part of the backward gain can be familiarity with the "
-            f"trained names themselves, which this control does not separate ({numbers}).",
+            text=f"{who} knows its facts forward and ranks the right name above chance backward, so this run "
+            f"does not show the reversal curse ({rank_numbers}; {numbers}).",
         )
     return dict(
         verdict="curse",
-        text=f"{who} learned its facts forward, but their backward answers are no easier than those of facts it "
-        f"never saw: the reversal curse ({numbers}).",
+        text=f"{who} knows its facts forward, but backward the right name ranks no better than chance among the "
+        f"trained names: the reversal curse ({rank_numbers}; {numbers}).",
     )
 
 
@@ -286,7 +355,8 @@ def train_time_verdict(per_seed: list) -> dict:
 
 
 def verdicts(per_seed: list) -> dict:
-    """Every verdict of the report, from the per-seed findings."""
+    """Every verdict of the report, from the per-seed findings; a verdict whose power check failed
+    (ka_hf.study.power) says "not answered" instead."""
     result = dict(
         adapter=adapter_verdict(per_seed),
         mismatch=mismatch_verdict(per_seed),
@@ -296,9 +366,14 @@ def verdicts(per_seed: list) -> dict:
     )
     for model in per_seed[0].get("reversal_control", {}):
         result[f"reversal_{model}"] = reversal_verdict(per_seed, model)
+    for key, checks in power_checks(per_seed).items():
+        if key in result:
+            result[key] = gate(result[key], checks)
     return result
 
 
 def conclusions(per_seed: list) -> dict:
-    """A run's findings: each seed's, their summary over the seeds, and the verdicts."""
-    return dict(per_seed=per_seed, summary=summarize(per_seed), verdicts=verdicts(per_seed))
+    """A run's findings: each seed's, their summary over the seeds, the power checks and the verdicts."""
+    return dict(
+        per_seed=per_seed, summary=summarize(per_seed), power=power_records(per_seed), verdicts=verdicts(per_seed)
+    )
