@@ -26,6 +26,7 @@ dtypes. Autocast is off inside: the kernel manages its own precision.
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -220,6 +221,16 @@ class _Tile:
             block_allowed = allowed[..., start:stop, :]
             self.past_allowed = block_allowed[..., : self.past_end]
             self.own_allowed = block_allowed[..., self.own] & causal
+        # The mask as a 0/1 factor and as an additive 0/-inf term: a multiply and an add, cheaper than masked_fill
+        # with a broadcast boolean mask.
+        self.own_keep = self.own_allowed.to(self.acc)
+        self.own_bias = torch.zeros_like(self.own_keep).masked_fill_(~self.own_allowed, float("-inf"))
+        # exp() of -inf, or of an argument whose result underflows, takes a slow path on CPUs (10x the time of
+        # ordinary arguments, measured on a (16, 4, 64, 64) float32 tile): exponents are clamped to where exp is
+        # a normal number, and the masked entries are zeroed by the 0/1 factor. A weight below the smallest normal
+        # number (1e-38 in float32) becomes that number; masked ones are exactly 0.
+        finfo = torch.finfo(self.acc)
+        self.exp_range = (math.log(finfo.tiny) + 1.0, math.log(finfo.max) - 1.0)
 
     # ----- the block's own (n x n) tile
     def own_scores(self):
@@ -232,19 +243,25 @@ class _Tile:
             return grad_capped
         return grad_capped * (1 - (capped / self.softcap) ** 2)
 
+    def _masked_exp(self, exponents):
+        """exp(exponents) where allowed, exactly 0 where masked; no exp() of -inf or of an underflowing argument."""
+        return torch.exp(exponents.clamp(*self.exp_range)) * self.own_keep
+
     def own_weights_from(self, scores, lse):
         """W_bb = exp(S_bb - L), exactly 0 where masked (and in rows with nothing allowed, whose L is 0)."""
-        return torch.exp(scores.masked_fill(~self.own_allowed, float("-inf")) - lse.unsqueeze(-1))
+        return self._masked_exp(scores - lse.unsqueeze(-1))
 
     def own_weights(self, past_lse):
         """(W_bb, L): the block's own weights and the full row normalizer L = logaddexp(L_P, L_D)."""
-        scores = self.own_scores().masked_fill(~self.own_allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
+        scores = self.own_scores()
+        row_max = (scores + self.own_bias).amax(dim=-1, keepdim=True)  # -inf only in a row with nothing allowed
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        lse = torch.log(self._masked_exp(scores - row_max).sum(-1)) + row_max.squeeze(-1)
         if past_lse is not None:
             lse = torch.logaddexp(lse, past_lse)
         # A row that may attend to nothing (a left-pad query): L = 0 keeps every weight exactly 0, never NaN.
         lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        return torch.exp(scores - lse.unsqueeze(-1)), lse
+        return self._masked_exp(scores - lse.unsqueeze(-1)), lse
 
     # ----- the past part: attention over earlier outputs
     def past_attention(self, attended):
