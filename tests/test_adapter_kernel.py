@@ -27,7 +27,7 @@ def random_inputs(dtype=torch.float64, batch=2, query_heads=4, kv_heads=2, n_new
 
     query, key = randn(batch, query_heads, n_new, dim), randn(batch, kv_heads, n_past + n_new, dim) * 2
     value, past = randn(batch, kv_heads, n_new, dim), randn(batch, query_heads, n_past, dim)
-    weight = torch.eye(dim, dtype=dtype) + 0.4 * randn(query_heads, dim, dim)
+    weight = torch.eye(dim, dtype=dtype) + 0.4 * randn(query_heads, dim, dim) / dim**0.5
     bias = 0.5 * randn(query_heads, dim)
     allowed = torch.ones(batch, 1, n_new, n_past + n_new, dtype=torch.bool).tril(n_past)
     allowed[1, :, :, :pads] = False

@@ -204,11 +204,11 @@ def _backward(ctx, grad_outputs):
         own_mapped, own_values = attended[..., rows, :].to(acc), values[..., start:stop, :].to(acc)
         products = multipliers @ own_mapped.transpose(-1, -2)
         own_products = (multipliers * own_values).sum(-1)
-        products = products - torch.diag_embed(products.diagonal(dim1=-2, dim2=-1) - own_products)
+        products.diagonal(dim1=-2, dim2=-1).copy_(own_products)  # a fresh tensor: written in place
         row_dots = (multipliers * own_outputs).sum(-1, keepdim=True)
-        grad_scores = tile.through_softcap(own_weights * (products - row_dots), own_scores)
-        block_grad_query = scale * grad_scores @ keys[..., rows, :].to(acc)
-        grad_keys[..., rows, :] += scale * grad_scores.transpose(-1, -2) @ query[..., start:stop, :].to(acc)
+        grad_scores = tile.through_softcap(products.sub_(row_dots).mul_(own_weights), own_scores)
+        block_grad_query = (grad_scores @ keys[..., rows, :].to(acc)) * scale
+        grad_keys[..., rows, :] += (grad_scores.transpose(-1, -2) @ query[..., start:stop, :].to(acc)) * scale
         grad_values[..., start:stop, :] = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * multipliers
         if n_past + start > 0:
             d_query, d_keys, d_mapped = tile.past_attention_backward(multipliers, attended, block_outputs, lse)
