@@ -121,6 +121,18 @@ def test_mapped_kernel_equals_the_token_loop(grad, block_size):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_affine_kernel_half_inputs_stay_half(half):
+    """Half q, k, v, past: float32 tiles, solves and M, b inside; outputs in the input dtype; gradients finite."""
+    query, key, value, past, weight, bias, allowed = random_inputs()
+    expected = loop(query, key, value, past, weight, bias, allowed, scale=0.6)
+    inputs = [tensor.to(half).requires_grad_() for tensor in (query, key, value, past)]
+    outputs = ka_attention_adapted(*inputs[:3], weight, bias, inputs[3], allowed, scale=0.6, block_size=4)
+    assert outputs.dtype == half and (outputs.double() - expected).abs().max() < 0.05
+    outputs.float().sum().backward()
+    assert all(tensor.grad.dtype == half and torch.isfinite(tensor.grad).all() for tensor in inputs)
+
+
 def test_affine_kernel_refuses_a_map_of_the_wrong_shape():
     query, key, value, past, weight, bias, allowed = random_inputs()
     with pytest.raises(ValueError, match="needs weight"):
