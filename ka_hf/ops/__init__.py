@@ -1,6 +1,6 @@
 """Pure tensor math for KA attention: no transformers import here.
 
-- `naive.ka_attention_naive`: the token-by-token reference (test oracle; fallback for non-linear value maps).
+- `naive.ka_attention_naive`: the token-by-token reference (the test oracle; kernel="loop").
 - `parallel.ka_attention_parallel`: explicit weights and one triangular solve per block; plan 2 and dropout.
 - `blocked.ka_attention_blocked`: O(T) memory, fused attention over past outputs, recomputing backward.
 - `adapted.ka_attention_adapted`: KA with an affine adapter f(a) = a M + b inside the recursion (plan 1), exact
