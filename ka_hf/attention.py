@@ -19,7 +19,7 @@ import torch
 from .errors import KAError
 from .masks import allowed_from_mask
 from .ops import (
-    adapted_block_size,
+    auto_block_size,
     ka_attention,
     ka_attention_adapted,
     ka_attention_mapped,
@@ -94,12 +94,15 @@ def adapted_chunk_outputs(settings: KASettings, layer_idx, query, keys, new_valu
     affine_map = getattr(adapter, "affine_map", None)  # the adapter contract needs only map_outputs
     shape = (*query.shape[:-1], new_values.shape[-1])
     maps = affine_map(layer_idx, shape) if affine_map is not None else None
-    common = dict(past_outputs=past_outputs, allowed=allowed, scale=scale, softcap=softcap)
+    # The same blocks as the blocked kernel's (kernel "auto" shortens them for a short chunk).
+    block_size = settings.block_size
+    if settings.kernel == "auto":
+        block_size = auto_block_size(query.shape[-2], block_size)
+    common = dict(past_outputs=past_outputs, allowed=allowed, scale=scale, softcap=softcap, block_size=block_size)
     if maps is None:
-        return ka_attention_mapped(query, keys, new_values, value_map, block_size=settings.block_size, **common)
+        return ka_attention_mapped(query, keys, new_values, value_map, **common)
     weight, bias = maps
-    block_size = adapted_block_size(settings.block_size)
-    return ka_attention_adapted(query, keys, new_values, weight, bias, block_size=block_size, **common)
+    return ka_attention_adapted(query, keys, new_values, weight, bias, **common)
 
 
 class UncachedKA:

@@ -9,20 +9,19 @@
 - `parallel.ka_decode_step`: one new token, one fused attention over [A_past; v_new].
 """
 
-from .adapted import ADAPTED_BLOCK_SIZE, adapted_block_size, ka_attention_adapted, ka_attention_mapped
+from .adapted import ka_attention_adapted, ka_attention_mapped
 from .blocked import ka_attention_blocked
 from .common import DEFAULT_BLOCK_SIZE, attention_weights, causal_allowed, expand_kv_heads
-from .kernels import KERNELS, VARIANTS, check_kernel, ka_attention, resolve_kernel
+from .kernels import KERNELS, VARIANTS, auto_block_size, check_kernel, ka_attention, resolve_kernel
 from .naive import ka_attention_naive
 from .parallel import ka_attention_parallel, ka_decode_step, standard_attention
 
 __all__ = [
-    "ADAPTED_BLOCK_SIZE",
     "DEFAULT_BLOCK_SIZE",
     "KERNELS",
     "VARIANTS",
-    "adapted_block_size",
     "attention_weights",
+    "auto_block_size",
     "causal_allowed",
     "check_kernel",
     "expand_kv_heads",

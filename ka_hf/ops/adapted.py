@@ -15,7 +15,8 @@ earlier blocks) offers its *mapped* outputs F_P = f(A_P) as values, through the 
   X <- X + L^(2^j) X M^(2^j) for j = 0 .. ceil(log2 n) - 1. The backward is the same sum for the adjoint
   Lambda = G + L^T Lambda M^T, with the past through the fused kernel's backward, recomputing tiles block by block
   (only q, k, v, M, b, A, f(A) and the row normalizers are saved): O(T) memory like the blocked kernel. The
-  doubling costs n^3 log n per block, so the blocks are short (`adapted_block_size`).
+  doubling costs n^3 log n for n rows, so it runs on chunks of 32 rows (`LEAF_ROWS`) one after the other, each
+  after the earlier chunks' contribution to it; the blocks themselves are as long as the blocked kernel's.
 - `ka_attention_mapped`: any f (the residual-MLP adapter): the same blocks with the past fused (explicit weight
   tiles where autograd needs them), and the block's own recursion token by token.
 
@@ -25,18 +26,13 @@ Half inputs: per-block tiles, solves and M, b in float32, the buffers in the inp
 import torch
 
 from .blocked import _block_bounds, _past_kernel_name, _sum_query_head_groups, _Tile, _without_autocast
-from .common import attention_weights, causal_allowed, compute_dtype, expand_kv_heads
+from .common import DEFAULT_BLOCK_SIZE, attention_weights, causal_allowed, compute_dtype, expand_kv_heads
 from .past import past_kernel
 
-# Rows per block of the affine kernel. The doubling costs ~n^3 log2(n) per block and head against the fused
-# past's n T d: 32 was the fastest of 16, 32 and 64 for 8 x 32 and 4 x 64 heads at T = 512 and 4096 on a CPU (one
-# layer's attention, one thread; 64 cost 1.2-1.3x more at T = 4096).
-ADAPTED_BLOCK_SIZE = 32
-
-
-def adapted_block_size(block_size: int | None) -> int:
-    """The affine kernel's block: the caller's block size (None = one block), at most ADAPTED_BLOCK_SIZE."""
-    return ADAPTED_BLOCK_SIZE if block_size is None else min(block_size, ADAPTED_BLOCK_SIZE)
+# Rows per doubling: within a block the rows go in chunks of this many, each chunk's Neumann sum by doubling
+# (~n^3 log2(n) for n rows, so short) after the earlier chunks' contribution (one product). 32 was the fastest of
+# 16, 32 and 64 as the block itself (one layer, 8 x 32 and 4 x 64 heads, T = 512 and 4096, a CPU).
+LEAF_ROWS = 32
 
 
 def ka_attention_adapted(
@@ -49,7 +45,7 @@ def ka_attention_adapted(
     allowed: torch.Tensor | None = None,
     scale: float = 1.0,
     softcap: float | None = None,
-    block_size: int | None = ADAPTED_BLOCK_SIZE,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
     fused: bool | str | None = None,
 ) -> torch.Tensor:
     """Exact KA outputs A (B, H_q, n, d_v) of n new tokens whose later tokens attend over f(A) = A @ M + b.
@@ -110,26 +106,64 @@ def _doubling_steps(n: int) -> int:
     return max(n - 1, 0).bit_length()
 
 
-def _map_powers(weight: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """[M, M^2, M^4, ...]: `steps` powers M^(2^j), one square each."""
+def _map_powers(weight: torch.Tensor, steps: int, batch: int, transpose: bool = False) -> list[torch.Tensor]:
+    """[M, M^2, M^4, ...] (or their transposes): `steps` powers M^(2^j) (M itself at least), one square each, each
+    repeated for the batch as (batch * H, d, d), the layout `_neumann_sum`'s batched products take."""
+    steps = max(steps, 1)
     powers = [weight]
     for _ in range(steps - 1):
         powers.append(powers[-1] @ powers[-1])
-    return powers[:steps]
+    n_heads, dim = weight.shape[0], weight.shape[-1]
+    return [
+        (power.transpose(-1, -2) if transpose else power).expand(batch, n_heads, dim, dim).reshape(-1, dim, dim)
+        for power in powers[:steps]
+    ]
 
 
-def _neumann_sum(strict: torch.Tensor, rhs: torch.Tensor, map_powers: list[torch.Tensor]) -> torch.Tensor:
+def _doubling(strict: torch.Tensor, rhs: torch.Tensor, map_powers: list[torch.Tensor]) -> torch.Tensor:
     """X = sum_{k<n} L^k C M^k, the solution of X = C + L X M for a strictly lower-triangular (n x n) L, by doubling:
     after step j, X holds the terms k < 2^(j+1). strict: L (B, H, n, n); rhs: C (B, H, n, d); map_powers: M^(2^j)
-    (H, d, d), at least ceil(log2 n) of them. For the adjoint pass L^T and the transposed powers (the sum is the
-    same with the triangle upper)."""
-    solution, power = rhs, strict
-    steps = _doubling_steps(strict.shape[-1])
+    as (B * H, d, d) (`_map_powers`), at least ceil(log2 n) of them. The products run as 3-D bmm / baddbmm: at these
+    sizes each op's overhead counts as much as its arithmetic."""
+    shape, n_rows = rhs.shape, strict.shape[-1]
+    solution = rhs.reshape(-1, n_rows, shape[-1])
+    power = strict.reshape(-1, n_rows, n_rows)
+    steps = _doubling_steps(n_rows)
     for step in range(steps):
-        solution = solution + (power @ solution) @ map_powers[step]
+        solution = torch.baddbmm(solution, torch.bmm(power, solution), map_powers[step])
         if step + 1 < steps:
-            power = power @ power
-    return solution
+            power = torch.bmm(power, power)
+    return solution.view(shape)
+
+
+def _neumann_sum(strict: torch.Tensor, rhs: torch.Tensor, map_powers: list[torch.Tensor]) -> tuple:
+    """(X, X M) for the solution of X = C + L X M (shapes as in `_doubling`), by chunks of LEAF_ROWS rows in order:
+    chunk c solves X_c = (C_c + L_{c,<c} X_{<c} M) + L_cc X_c M by doubling, the earlier chunks' part one product."""
+    n_rows, dim = strict.shape[-1], rhs.shape[-1]
+    weight = map_powers[0]
+
+    def times_map(rows):  # X_c M, as the (B * H, d, d) powers are laid out
+        return torch.bmm(rows.reshape(-1, rows.shape[-2], dim), weight).view(rows.shape)
+
+    if n_rows <= LEAF_ROWS:
+        solution = _doubling(strict, rhs, map_powers)
+        return solution, times_map(solution)
+    solution, mapped = torch.empty_like(rhs), torch.empty_like(rhs)  # filled chunk by chunk
+    for start in range(0, n_rows, LEAF_ROWS):
+        rows = slice(start, min(start + LEAF_ROWS, n_rows))
+        chunk_rhs = rhs[..., rows, :]
+        if start:
+            chunk_rhs = chunk_rhs + strict[..., rows, :start] @ mapped[..., :start, :]
+        chunk = _doubling(strict[..., rows, rows], chunk_rhs, map_powers)
+        solution[..., rows, :] = chunk
+        mapped[..., rows, :] = times_map(chunk)
+    return solution, mapped
+
+
+def _neumann_sum_upper(strict_upper: torch.Tensor, rhs: torch.Tensor, map_powers: list[torch.Tensor]) -> torch.Tensor:
+    """The solution of X = C + U X M^T for a strictly upper-triangular U (the adjoint pass, U = L^T, powers of M^T):
+    with the rows in reverse order U is strictly lower, and it is `_neumann_sum`."""
+    return _neumann_sum(strict_upper.flip(-2, -1), rhs.flip(-2), map_powers)[0].flip(-2)
 
 
 def _forward(query, key, value, past_outputs, weight, bias, allowed, scale, softcap, block, kernel):
@@ -139,7 +173,7 @@ def _forward(query, key, value, past_outputs, weight, bias, allowed, scale, soft
     past = past_kernel(kernel, scale, softcap)
     keys = expand_kv_heads(key, query.shape[1])
     values = expand_kv_heads(value, query.shape[1])
-    map_powers = _map_powers(weight, _doubling_steps(min(block, n_new)))
+    map_powers = _map_powers(weight, _doubling_steps(min(block, n_new, LEAF_ROWS)), query.shape[0])
     row_bias = bias[:, None, :]  # (H, 1, d): broadcast over batch and rows
     # The values the later blocks attend over: [cached mapped outputs; this call's mapped outputs].
     attended = torch.cat([past_outputs, values.new_empty(values.shape)], dim=-2)
@@ -155,9 +189,9 @@ def _forward(query, key, value, past_outputs, weight, bias, allowed, scale, soft
         rhs = rhs + strict.sum(-1, keepdim=True) * row_bias
         if past_out is not None:
             rhs = rhs + torch.exp(past_lse - lse).unsqueeze(-1) * past_out
-        block_outputs = _neumann_sum(strict, rhs, map_powers)
+        block_outputs, times_map = _neumann_sum(strict, rhs, map_powers)
         outputs[..., start:stop, :] = block_outputs
-        attended[..., n_past + start : n_past + stop, :] = block_outputs @ weight + row_bias
+        attended[..., n_past + start : n_past + stop, :] = times_map + row_bias
         normalizers[..., start:stop] = lse
     return outputs, attended[..., n_past:, :], normalizers
 
@@ -177,7 +211,7 @@ def _backward(ctx, grad_outputs):
     values = expand_kv_heads(value, n_query_heads)
     attended = torch.cat([past_outputs, mapped], dim=-2)
     weight_t = weight.transpose(-1, -2)
-    map_powers_t = [power.transpose(-1, -2) for power in _map_powers(weight, _doubling_steps(min(block, n_new)))]
+    map_powers_t = _map_powers(weight, _doubling_steps(min(block, n_new, LEAF_ROWS)), query.shape[0], transpose=True)
     grad_outputs = grad_outputs.to(acc)
     grad_mapped = torch.zeros_like(attended, dtype=acc)  # H: dLoss/df(A) of every attended row, summed over blocks
     grad_keys = torch.zeros_like(keys, dtype=acc)
@@ -194,7 +228,7 @@ def _backward(ctx, grad_outputs):
         own_weights = tile.own_weights_from(own_scores, lse)
         strict_t = own_weights.tril(-1).transpose(-1, -2)
         later = grad_mapped[..., rows, :]
-        multipliers = _neumann_sum(strict_t, grad_outputs[..., start:stop, :] + later @ weight_t, map_powers_t)
+        multipliers = _neumann_sum_upper(strict_t, grad_outputs[..., start:stop, :] + later @ weight_t, map_powers_t)
         grad_mapped_block = later + strict_t @ multipliers  # Phi
         block_outputs = outputs[..., start:stop, :]
         own_outputs = block_outputs.to(acc)
@@ -232,7 +266,7 @@ def ka_attention_mapped(
     allowed: torch.Tensor | None = None,
     scale: float = 1.0,
     softcap: float | None = None,
-    block_size: int | None = ADAPTED_BLOCK_SIZE,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
     fused: bool | str | None = None,
 ) -> torch.Tensor:
     """Exact KA outputs (B, H_q, n, d_v) whose later tokens attend over value_map(A), for any value_map (e.g. the
