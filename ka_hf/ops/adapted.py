@@ -183,9 +183,11 @@ def _forward(query, key, value, past_outputs, weight, bias, allowed, scale, soft
         tile = _Tile(query, keys, allowed, scale, softcap, past, n_past, start, stop)
         past_out, past_lse = tile.past_attention(attended)
         own_weights, lse = tile.own_weights(past_lse)
-        strict = own_weights.tril(-1)
         # C = W_bP F_P + D V_b + (L 1) b^T: the strictly-earlier rows of the block add their bias through L.
-        rhs = own_weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * values[..., start:stop, :].to(acc)
+        diagonal = own_weights.diagonal(dim1=-2, dim2=-1)
+        rhs = diagonal.unsqueeze(-1) * values[..., start:stop, :].to(acc)
+        strict = own_weights
+        diagonal.zero_()  # L = W_bb without its diagonal, in place (a fresh tile; its upper triangle is 0)
         rhs = rhs + strict.sum(-1, keepdim=True) * row_bias
         if past_out is not None:
             rhs = rhs + torch.exp(past_lse - lse).unsqueeze(-1) * past_out
