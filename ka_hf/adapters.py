@@ -13,10 +13,12 @@ initialized to the identity (M = I, b = 0, W2 = 0), so an untrained adapter is p
 (least squares, distillation) is study code: `ka_hf.study.fit_adapters`. This module is what a user needs to load
 and apply one.
 
-Why the recursion: with f inside the recursion, the outputs solve A = W_s f(A) + D V. For a general (or
-nonlinear) f that is no longer one triangular solve, so a `KACache(adapter=...)` computes multi-token chunks
-token by token (`ka_hf.ops.ka_attention_naive(value_map=...)`): exact, differentiable, slower than parallel KA
-(see docs/training.md for the measured cost). Decoding one token at a time costs the same as plain KA.
+Why the recursion: with f inside the recursion, the outputs solve A = W_s f(A) + D V. For the affine f that is
+still linear in A, and a `KACache(adapter=...)` computes a multi-token chunk exactly by blocks: the past through
+fused attention over f(A_past), each block's own rows by a terminating Neumann sum (KA-SPEC §3.1,
+`ka_hf.ops.ka_attention_adapted`; differentiable, so distillation uses it). With the residual MLP f is nonlinear:
+the same blocks, the past fused, the block's own rows token by token (`ka_hf.ops.ka_attention_mapped`).
+Decoding one token at a time costs the same as plain KA.
 
 Files: `save_adapter(adapter, dir)` writes adapter.safetensors + adapter_config.json (shape, base model, how it
 was fitted); `load_adapter(dir)` reads them back. Use: `KACache(adapter=load_adapter(dir))`.
@@ -162,7 +164,8 @@ class ResidualMLP(nn.Module):
 class KAAdapter(nn.Module):
     """f_{layer, head}(a) = a @ M + b (+ a per-layer residual MLP), identity at init. See the module docstring.
 
-    Implements the KACache adapter contract: `map_outputs(layer_idx, outputs[B, H, n, d]) -> same shape`.
+    Implements the KACache adapter contract: `map_outputs(layer_idx, outputs[B, H, n, d]) -> same shape`, and the
+    optional `affine_map(layer_idx, outputs_shape) -> (M, b) or None`, which lets a prompt pass solve exactly.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, mlp_hidden: int = 0, base: dict | None = None):
@@ -197,16 +200,25 @@ class KAAdapter(nn.Module):
                 f"{ {key: shape[key] for key in mine} }: fit an adapter for this model"
             )
 
-    def map_outputs(self, layer_idx: int, outputs: torch.Tensor) -> torch.Tensor:
-        if (
-            not 0 <= layer_idx < self.num_layers
-            or outputs.shape[1] != self.num_heads
-            or outputs.shape[-1] != self.head_dim
-        ):
+    def _check_layer(self, layer_idx: int, num_heads: int, head_dim: int, shape) -> None:
+        if not 0 <= layer_idx < self.num_layers or num_heads != self.num_heads or head_dim != self.head_dim:
             raise KAError(
                 f"adapter for {self.num_layers} layers x {self.num_heads} heads x {self.head_dim} got "
-                f"layer {layer_idx} outputs of shape {tuple(outputs.shape)}: wrong model for this adapter"
+                f"layer {layer_idx} outputs of shape {tuple(shape)}: wrong model for this adapter"
             )
+
+    def affine_map(self, layer_idx: int, outputs_shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(M (H, d, d), b (H, d)) of layer `layer_idx` when f is affine there, f(a) = a @ M[h] + b[h]; None with a
+        residual MLP (f is then nonlinear). outputs_shape: the shape (B, H, n, d) of the outputs f will map, checked
+        as `map_outputs` checks it. With M and b the prompt pass is one exact solve per block
+        (`ka_hf.ops.ka_attention_adapted`) instead of a token loop."""
+        self._check_layer(layer_idx, outputs_shape[1], outputs_shape[-1], outputs_shape)
+        if self.mlp is not None:
+            return None
+        return self.weight[layer_idx], self.bias[layer_idx]
+
+    def map_outputs(self, layer_idx: int, outputs: torch.Tensor) -> torch.Tensor:
+        self._check_layer(layer_idx, outputs.shape[1], outputs.shape[-1], outputs.shape)
         weight = self.weight[layer_idx].to(outputs)  # [H, d, d], broadcast over batch and tokens
         mapped = outputs @ weight + self.bias[layer_idx, :, None, :].to(outputs)
         if self.mlp is not None:

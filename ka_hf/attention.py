@@ -3,7 +3,8 @@
 Which computation a chunk needs follows from its settings and its shape alone:
 - a ka-hybrid prompt (prefill="standard", nothing cached yet): standard attention, its outputs cached as A;
 - one new token after a past: plain attention over [A_past; v_new] (KA-SPEC §3 with n = 1, no solve);
-- an adapter: the recursion with f applied to each output before later tokens attend over it;
+- an adapter: the recursion with f applied to each output before later tokens attend over it (exact by blocks
+  for an affine f, KA-SPEC §3.1; block-sequential with a token loop inside each block for any other f);
 - otherwise the chosen kernel (`ka_hf.ops.ka_attention`: blocked, parallel or the loop).
 
 `UncachedKA` is the attention of a model that runs KA without a cache (`enable_ka` / `exact_ka`: training and
@@ -17,7 +18,15 @@ import torch
 
 from .errors import KAError
 from .masks import allowed_from_mask
-from .ops import ka_attention, ka_attention_naive, ka_decode_step, standard_attention
+from .ops import (
+    auto_block_size,
+    ka_attention,
+    ka_attention_adapted,
+    ka_attention_mapped,
+    ka_attention_naive,
+    ka_decode_step,
+    standard_attention,
+)
 from .settings import KASettings
 
 
@@ -47,18 +56,7 @@ def ka_chunk_outputs(
     if n_new == 1 and settings.variant == "ka" and settings.kernel != "loop":
         return ka_decode_step(query, keys, attended, allowed, scale, softcap)
     if settings.adapter is not None:
-        # f applied to outputs inside the chunk has no exact triangular solve in general: run the recursion.
-        return ka_attention_naive(
-            query,
-            keys,
-            new_values,
-            past_outputs=past_outputs,
-            allowed=allowed,
-            scale=scale,
-            softcap=softcap,
-            variant=settings.variant,
-            value_map=functools.partial(settings.adapter.map_outputs, layer_idx),
-        )
+        return adapted_chunk_outputs(settings, layer_idx, query, keys, new_values, past_outputs, allowed, call)
     return ka_attention(
         query,
         keys,
@@ -72,6 +70,39 @@ def ka_chunk_outputs(
         block_size=settings.block_size,
         kernel=settings.kernel,
     )
+
+
+def adapted_chunk_outputs(settings: KASettings, layer_idx, query, keys, new_values, past_outputs, allowed, call):
+    """KA outputs of a multi-token chunk whose later tokens attend over f(outputs) (a plan-1 adapter): exact by
+    blocks for an affine f (KA-SPEC §3.1), block-sequential for any other f; the token loop for kernel "loop" and
+    for plan 2 (which the block kernels do not compute). Attention dropout does not apply here (an adapter is
+    fitted and used in eval mode)."""
+    adapter, scale, softcap = settings.adapter, call.scale, call.softcap
+    value_map = functools.partial(adapter.map_outputs, layer_idx)
+    if settings.kernel == "loop" or settings.variant != "ka":
+        return ka_attention_naive(
+            query,
+            keys,
+            new_values,
+            past_outputs=past_outputs,
+            allowed=allowed,
+            scale=scale,
+            softcap=softcap,
+            variant=settings.variant,
+            value_map=value_map,
+        )
+    affine_map = getattr(adapter, "affine_map", None)  # the adapter contract needs only map_outputs
+    shape = (*query.shape[:-1], new_values.shape[-1])
+    maps = affine_map(layer_idx, shape) if affine_map is not None else None
+    # The same blocks as the blocked kernel's (kernel "auto" shortens them for a short chunk).
+    block_size = settings.block_size
+    if settings.kernel == "auto":
+        block_size = auto_block_size(query.shape[-2], block_size)
+    common = dict(past_outputs=past_outputs, allowed=allowed, scale=scale, softcap=softcap, block_size=block_size)
+    if maps is None:
+        return ka_attention_mapped(query, keys, new_values, value_map, **common)
+    weight, bias = maps
+    return ka_attention_adapted(query, keys, new_values, weight, bias, **common)
 
 
 class UncachedKA:

@@ -51,6 +51,22 @@ def one_thread():
 
 
 # train.py flags for the smallest run that trains something (tests of the script's behaviour, not of learning).
+# The one tiny training run the tests share (TrainConfig keywords); a test changes what it needs with `|`.
+TINY_TRAIN = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    intermediate_size=64,
+    vocab_size=400,
+    seq_len=24,
+    lr=3e-3,
+    batch_size=8,
+    samples=48,
+    val_samples=16,
+    epochs=2,
+    progress=False,
+)
+
 TINY_TRAIN_FLAGS = [
     "--epochs", "1", "--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--intermediate-size", "64",
     "--vocab-size", "300", "--seq-len", "16", "--no-progress",

@@ -37,6 +37,7 @@ EXPECTED = {
     "benchmarks/bench_core.py": HARDWARE | OUTPUT | {"--dtype"},
     "benchmarks/bench_long.py": HARDWARE | OUTPUT | {"--dtype", "--no-progress"},
     "benchmarks/bench_training.py": HARDWARE | OUTPUT,
+    "benchmarks/bench_adapter.py": HARDWARE | OUTPUT,
 }
 # flags whose help must be word for word the same in every script that has them (--out, --model and --adapter
 # say what each script writes or reads)

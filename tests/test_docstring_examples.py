@@ -113,8 +113,8 @@ def test_study_docstring_commands_parse(tmp_path, monkeypatch):
         reached.append((config, overwrite, resume))
         raise StudyReached
 
-    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
-    commands = docstring_commands(REPO_ROOT / "ka_hf/study/experiment.py")
+    monkeypatch.setattr(experiment.command, "run_experiment", run_experiment)
+    commands = docstring_commands(REPO_ROOT / "ka_hf/study/experiment/__init__.py")
     assert commands and all(c.startswith("python -m ka_hf.experiment ") for c in commands)
     for command in commands:
         argv = shlex.split(command)[3:]

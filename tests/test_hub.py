@@ -21,22 +21,9 @@ from ka_hf.study.models import load_tokenizer, model_config
 from ka_hf.study.records import AdapterFitRecord
 from ka_hf.study.training import TrainConfig, train
 
-from conftest import load_script
+from conftest import TINY_TRAIN, load_script
 
-TINY_RUN = dict(
-    num_layers=2,
-    hidden_size=32,
-    num_heads=4,
-    intermediate_size=64,
-    vocab_size=300,
-    seq_len=16,
-    lr=3e-3,
-    batch_size=8,
-    samples=16,
-    val_samples=4,
-    epochs=1,
-    progress=False,
-)
+TINY_RUN = TINY_TRAIN | dict(vocab_size=300, seq_len=16, samples=16, val_samples=4, epochs=1)
 
 
 push_script = load_script("push_to_hub")

@@ -181,7 +181,7 @@ def test_study_overwrite_and_resume_pass_the_check(tmp_path, monkeypatch, capsys
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(experiment, "prepare_data", stop)
+    monkeypatch.setattr(experiment.run, "prepare_data", stop)
     with pytest.raises(SystemExit) as exit_info:
         experiment.main(["--out", str(out), "--resume", "--no-progress"])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err

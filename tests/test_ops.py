@@ -10,6 +10,7 @@ from ka_hf.ops import (
     causal_allowed,
     expand_kv_heads,
     ka_attention,
+    ka_attention_blocked,
     ka_attention_naive,
     ka_decode_step,
     standard_attention,
@@ -157,6 +158,18 @@ def test_blocked_long_prompt_equals_single_solve(kernel):
     q, k, v = random_qkv(batch=1, n_query_heads=2, n_kv_heads=1, length=300, head_dim=4, dtype=torch.float32)
     blocks = ka_attention(q, k, v, scale=0.5, block_size=64, kernel=kernel)
     assert (blocks - ka_attention(q, k, v, scale=0.5, block_size=None, kernel=kernel)).abs().max() < 1e-5
+
+
+def test_auto_shortens_the_blocks_of_a_short_chunk():
+    from ka_hf.ops.kernels import auto_block_size
+
+    assert [auto_block_size(n, 256) for n in (1, 64, 512, 513, 1024, 1025, 8192)] == [64, 64, 64, 128, 128, 256, 256]
+    assert auto_block_size(100, 32) == 32 and auto_block_size(100, None) == 64 and auto_block_size(5000, None) is None
+    q, k, v = random_qkv(batch=2, length=150, head_dim=4)
+    allowed = left_padded(2, 150, [0, 70])  # row 1's padding covers the first block and part of the second
+    auto = ka_attention(q, k, v, allowed=allowed, scale=0.5, kernel="auto")
+    torch.testing.assert_close(auto, ka_attention_naive(q, k, v, allowed=allowed, scale=0.5), rtol=0, atol=1e-10)
+    assert torch.equal(auto, ka_attention_blocked(q, k, v, allowed=allowed, scale=0.5, block_size=64))
 
 
 def test_kernel_options_are_checked():

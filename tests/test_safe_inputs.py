@@ -269,7 +269,7 @@ def test_a_model_that_is_neither_here_nor_on_the_hub_is_refused_at_once(
     assert list(tmp_path.iterdir()) == []
 
 
-UNWRITABLE_SCRIPTS = [*MODEL_SCRIPTS, "bench_core", "bench_training", "bench_long", "bench_threads"]
+UNWRITABLE_SCRIPTS = [*MODEL_SCRIPTS, "bench_core", "bench_training", "bench_long", "bench_threads", "bench_adapter"]
 
 
 @pytest.mark.parametrize("script", UNWRITABLE_SCRIPTS)

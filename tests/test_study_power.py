@@ -92,7 +92,7 @@ def test_ctrl_c_names_the_folder_and_the_resume_command(tmp_path, capsys, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    monkeypatch.setattr(experiment.command, "run_experiment", interrupted)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         experiment.main(["--preset", "facts", "--out", str(out), "--no-progress", "--seeds", "2"])

@@ -15,22 +15,9 @@ from ka_hf.study.evaluation.ppl import perplexity
 from ka_hf.study.models import load_model, load_tokenizer
 from ka_hf.study.training import TrainConfig, load_data_texts, load_train_config, make_blocks, train
 
-from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, VOCAB, tiny_model
+from conftest import REPO_ROOT, TINY_TRAIN, TINY_TRAIN_FLAGS, VOCAB, tiny_model
 
-TINY = dict(
-    num_layers=2,
-    hidden_size=32,
-    num_heads=4,
-    intermediate_size=64,
-    vocab_size=400,
-    seq_len=24,
-    lr=3e-3,
-    batch_size=8,
-    samples=48,
-    val_samples=16,
-    epochs=2,
-    progress=False,
-)
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -245,7 +245,7 @@ BUGS = [
     Bug(
         "study-trains-both-directions",
         "the study trains the facts in both directions while recording facts_include (forward)",
-        "ka_hf/study/experiment.py",
+        "ka_hf/study/experiment/steps.py",
         (
             (
                 "training_texts(facts, include=config.facts_include, seed=config.facts_seed)",

@@ -3,7 +3,8 @@
 import torch
 
 # Tokens per block of a long prompt or training sequence (both kernels): memory O(block x T) for "parallel",
-# O(block^2 + T) for "blocked". 256 was the fastest of 64-512 for the blocked kernel at T = 2k-8k on a CPU.
+# O(block^2 + T) for "blocked". 256 was the fastest of 64-512 for the blocked kernel at T = 2k-8k on a CPU; kernel
+# "auto" shortens it for shorter chunks (ops/kernels.py, SHORT_CHUNK_BLOCKS).
 DEFAULT_BLOCK_SIZE = 256
 
 

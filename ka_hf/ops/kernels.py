@@ -6,7 +6,8 @@
 | "parallel" | explicit (block x T) weights + triangular solve (ops/parallel.py) | O(T^2) in training | plan 2, dropout |
 | "loop" | the token-by-token reference (ops/naive.py) | O(T) | everything (slow) |
 
-"auto" (the default) is "blocked" wherever it applies (variant "ka", no attention dropout), else "parallel".
+"auto" (the default) is "blocked" wherever it applies (variant "ka", no attention dropout), else "parallel"; for
+"blocked" it also shortens the blocks of a short chunk (`auto_block_size`).
 """
 
 from .blocked import ka_attention_blocked
@@ -29,6 +30,23 @@ def check_kernel(kernel: str, variant: str = "ka", block_size: int | None = DEFA
         raise ValueError(f"unknown KA variant {variant!r}: use one of {VARIANTS}")
     if kernel == "blocked" and variant != "ka":
         raise ValueError(f"the 'blocked' kernel computes exact KA only; variant {variant!r} needs 'parallel' or 'loop'")
+
+
+# The blocked kernel's fastest block grows with the chunk: its (n x n) tiles cost ~T n elementwise work and T n d
+# for the solves, its past ~T^2 d / 2 for any n plus a fused-kernel call per block. Measured on a CPU (one layer,
+# forward + backward, 1 thread; benchmarks/bench_training.py for whole steps): at T = 64-512, head size 32, blocks
+# of 64 took 0.4-0.5x the time of 256 (T = 256: 99 ms vs 238 ms); at T = 512-1024, head size 64, 128 was fastest
+# (0.8-0.95x of 256); from T = 2048 on, 256 (backward) or 128 (forward) are within 10%, and 256 stays.
+SHORT_CHUNK_BLOCKS = ((512, 64), (1024, 128))  # (longest chunk, block) in increasing order
+
+
+def auto_block_size(n_new: int, block_size: int | None) -> int | None:
+    """The block "auto" gives the blocked kernel for a chunk of n_new tokens: the caller's block, shortened for a
+    short chunk (SHORT_CHUNK_BLOCKS); a smaller one the caller chose is kept."""
+    for longest, block in SHORT_CHUNK_BLOCKS:
+        if n_new <= longest:
+            return block if block_size is None else min(block, block_size)
+    return block_size
 
 
 def resolve_kernel(kernel: str, variant: str = "ka", dropout_p: float = 0.0) -> str:
@@ -60,6 +78,8 @@ def ka_attention(
     (float32 tiles and solves per block), "parallel" and "loop" compute in float32.
     """
     check_kernel(kernel, variant, block_size)
+    if kernel == "auto" and resolve_kernel(kernel, variant, dropout_p) == "blocked":
+        block_size = auto_block_size(query.shape[-2], block_size)
     kernel = resolve_kernel(kernel, variant, dropout_p)
     if kernel == "blocked":
         if dropout_p > 0.0:

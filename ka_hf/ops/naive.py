@@ -2,8 +2,8 @@
 
     a_i = sum_{j<i} w_ij a_j + w_ii v_i,    w_i = softmax_j(q_i . k_j * scale + mask_ij)
 
-It is the test oracle for the parallel form, and the fallback where no exact parallel solve exists
-(a nonlinear `value_map`, e.g. an adapter f applied to outputs before later tokens attend over them).
+It is the test oracle for the parallel and block kernels, also with a `value_map` (an adapter f applied to
+outputs before later tokens attend over them; ops/adapted.py computes that by blocks), and kernel="loop".
 Vectorized over batch and heads only; the loop over positions is the point.
 """
 
